@@ -1,0 +1,465 @@
+"""Cluster profiles: what one device and each link level can do, read from and written to YAML.
+
+Vocabulary: a *node* is one host; devices on the same node talk over the *intra-node* link (NVLink, or shared
+memory for CPU processes); devices on different nodes talk over the *inter-node* link (InfiniBand,
+Ethernet). Ranks are numbered node-major, as torchrun numbers them: rank r lives on node
+r // devices_per_node.
+
+In memory every number is in base units (bytes, seconds, FLOP/s, bytes/s) and the field name says which.
+The YAML form uses human units and its keys say them too (`device_memory_gib`, `peak_tflops`,
+`bandwidth_gb_per_s`, `latency_us`), with GB = 1e9 bytes and GiB = 2**30 bytes.
+
+No hardware number lives in this file: presets are YAML files in `costmodel/presets/` (shipped as package
+data), and `meshplan calibrate` measures the machine it runs on and writes a profile. Only `yaml.safe_load`
+reads YAML, so tags such as `!!python/object` are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from .dtypes import SUPPORTED_DTYPES
+
+SCHEMA_VERSION = 1
+"""The only cluster YAML schema version this code reads and the one it writes."""
+
+DEVICE_TYPES = ("cpu", "cuda")
+BACKENDS = ("gloo", "nccl")
+
+# Unit conversions between the YAML form and base units (definitions of units, not hardware numbers).
+_GIB = 2**30
+_GB = 1e9
+_TERA = 1e12
+_US_PER_S = 1e6
+
+_LINK_KEYS = ("bandwidth_gb_per_s", "latency_us")
+_REQUIRED_KEYS = (
+    "schema_version",
+    "name",
+    "device_type",
+    "backend",
+    "num_nodes",
+    "devices_per_node",
+    "device_memory_gib",
+    "usable_memory_fraction",
+    "peak_tflops",
+    "matmul_efficiency",
+    "memory_bandwidth_gb_per_s",
+    "intra_node",
+    "inter_node",
+)
+_OPTIONAL_KEYS = ("description",)
+
+
+class ClusterError(ValueError):
+    """A cluster profile is malformed or missing; the message names the source, the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field checks shared by the dataclasses (base units) and by from_dict (human units).
+
+
+def _fail(source: str, field: str, requirement: str, value: object) -> NoReturn:
+    raise ClusterError(f"cluster {source!r}: field {field!r} must be {requirement}, got {value!r}")
+
+
+def _check_int(source: str, field: str, value: object) -> int:
+    """A positive integer; bools are refused although Python counts them as ints."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(source, field, "a positive integer", value)
+    return value
+
+
+def _check_number(source: str, field: str, value: object, kind: str = "positive") -> float:
+    """A finite real number; kind is "positive" (> 0), "non-negative" (>= 0) or "fraction" (in (0, 1])."""
+    requirement = {
+        "positive": "a number > 0",
+        "non-negative": "a number >= 0",
+        "fraction": "a number in (0, 1]",
+    }[kind]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(source, field, requirement, value)
+    ok = {"positive": value > 0, "non-negative": value >= 0, "fraction": 0 < value <= 1}[kind]
+    if not ok:
+        _fail(source, field, requirement, value)
+    return float(value)
+
+
+def _check_text(source: str, field: str, value: object, choices: Sequence[str] = ()) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(source, field, "a non-empty string", value)
+    if choices and value not in choices:
+        _fail(source, field, f"one of {', '.join(repr(c) for c in choices)}", value)
+    return value
+
+
+def _check_backend(source: str, device_type: str, backend: str) -> None:
+    if device_type == "cpu" and backend == "nccl":
+        _fail(source, "backend", "'gloo' when device_type is 'cpu' (NCCL needs CUDA devices)", backend)
+
+
+def _check_peak_keys(source: str, field: str, table: Mapping[Any, Any]) -> None:
+    for key in table:
+        if key not in SUPPORTED_DTYPES:
+            _fail(source, f"{field}.{key}", f"a torch dtype name, one of {', '.join(SUPPORTED_DTYPES)}", key)
+    if "float32" not in table:
+        raise ClusterError(
+            f"cluster {source!r}: field {field!r} must have a 'float32' entry "
+            f"(it is the fallback for dtypes without their own peak), got keys {sorted(table)}"
+        )
+
+
+def _check_keys(source: str, prefix: str, data: Mapping[Any, Any], required: Sequence[str],
+                optional: Sequence[str] = ()) -> None:
+    allowed = (*required, *optional)
+    for key in data:
+        if key not in allowed:
+            raise ClusterError(
+                f"cluster {source!r}: unknown field {prefix + str(key)!r}; remove it or fix the spelling "
+                f"(allowed: {', '.join(allowed)})"
+            )
+    for key in required:
+        if key not in data:
+            raise ClusterError(
+                f"cluster {source!r}: missing field {prefix + key!r}; add it "
+                f"(see costmodel/presets/a100-80g.yaml for a complete profile)"
+            )
+
+
+def _check_mapping(source: str, field: str, value: object) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        _fail(source, field, "a mapping", value)
+    return value
+
+
+def _to_base(human: float, scale: float, inverse: bool = False) -> float:
+    """Human units to base units: human * scale, or human / scale when inverse (microseconds -> seconds)."""
+    return human / scale if inverse else human * scale
+
+
+def _to_human(base: float, scale: float, inverse: bool = False) -> float | int:
+    """Base units to human units, nudged by at most a few ulps so that `_to_base` gives `base` back exactly.
+
+    Integral results come back as int so the YAML reads `80`, not `80.0`.
+    """
+    first = base * scale if inverse else base / scale
+    for candidate in (first, *_neighbours(first, steps=4)):
+        if _to_base(candidate, scale, inverse) == base:
+            first = candidate
+            break
+    if first.is_integer() and abs(first) < 2**53:
+        return int(first)
+    return first
+
+
+def _neighbours(value: float, steps: int) -> list[float]:
+    """The `steps` floats just above and just below `value`, nearest first."""
+    up, down, found = value, value, []
+    for _ in range(steps):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        found += [up, down]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The profile types.
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One link level (intra-node or inter-node) in the alpha-beta model: time = alpha + bytes / beta."""
+
+    bandwidth_bytes_per_s: float
+    """Bus bandwidth one device sees for collectives on this level (bytes/s), as nccl-tests reports `busbw`.
+    Ring formulas divide by it after scaling bytes by the algorithm factor, e.g. 2(n-1)/n for all-reduce."""
+
+    latency_s: float
+    """Per-message latency, alpha (seconds); one ring step costs this much however small the message."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "bandwidth_bytes_per_s",
+            _check_number("<LinkSpec>", "bandwidth_bytes_per_s", self.bandwidth_bytes_per_s),
+        )
+        object.__setattr__(
+            self, "latency_s", _check_number("<LinkSpec>", "latency_s", self.latency_s, "non-negative")
+        )
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A homogeneous cluster: `num_nodes` hosts with `devices_per_node` identical devices each.
+
+    Blind spots: one device type only; one bandwidth per link level (no topology inside a node, no
+    oversubscribed fabric, no contention between concurrent collectives); peak FLOP/s scaled by a single
+    matmul efficiency, which `calibrate` measures.
+    """
+
+    name: str
+    """Short identifier, e.g. "a100-80g"; presets are named after their file."""
+
+    device_type: str
+    """"cpu" or "cuda"."""
+
+    backend: str
+    """torch.distributed backend: "gloo" or "nccl" ("nccl" requires device_type "cuda")."""
+
+    num_nodes: int
+    """Number of hosts (>= 1)."""
+
+    devices_per_node: int
+    """Devices (GPUs, or CPU processes) per host (>= 1)."""
+
+    device_memory_bytes: int
+    """Memory of one device in bytes (GiB * 2**30 in the YAML)."""
+
+    usable_memory_fraction: float
+    """Share of device memory the planner may fill, in (0, 1]; the rest covers allocator reserve,
+    fragmentation and the runtime context (CUDA context, NCCL buffers)."""
+
+    peak_flops_per_s: dict[str, float]
+    """Peak FLOP/s of one device by torch dtype name ("float32", "bfloat16", ...); "float32" is required
+    and is the fallback for dtypes not listed."""
+
+    matmul_efficiency: float
+    """Achieved fraction of peak for matmul-class ops, in (0, 1]."""
+
+    memory_bandwidth_bytes_per_s: float
+    """Device memory bandwidth (bytes/s) that bounds memory-bound ops."""
+
+    intra_node: LinkSpec
+    """Link between devices on one node."""
+
+    inter_node: LinkSpec
+    """Link between devices on different nodes."""
+
+    description: str = ""
+    """Free text for people: what hardware this is and where the numbers come from. Not used in costs."""
+
+    def __post_init__(self) -> None:
+        source = self.name if isinstance(self.name, str) and self.name else "<Cluster>"
+        _check_text(source, "name", self.name)
+        _check_text(source, "device_type", self.device_type, DEVICE_TYPES)
+        _check_text(source, "backend", self.backend, BACKENDS)
+        _check_backend(source, self.device_type, self.backend)
+        _check_int(source, "num_nodes", self.num_nodes)
+        _check_int(source, "devices_per_node", self.devices_per_node)
+        _check_int(source, "device_memory_bytes", self.device_memory_bytes)
+        for field, kind in (("usable_memory_fraction", "fraction"), ("matmul_efficiency", "fraction"),
+                            ("memory_bandwidth_bytes_per_s", "positive")):
+            object.__setattr__(self, field, _check_number(source, field, getattr(self, field), kind))
+        peak = _check_mapping(source, "peak_flops_per_s", self.peak_flops_per_s)
+        _check_peak_keys(source, "peak_flops_per_s", peak)
+        # A private copy, so the frozen object cannot change through the caller's dict.
+        peak = {k: _check_number(source, f"peak_flops_per_s.{k}", v) for k, v in peak.items()}
+        object.__setattr__(self, "peak_flops_per_s", peak)
+        for field in ("intra_node", "inter_node"):
+            if not isinstance(getattr(self, field), LinkSpec):
+                _fail(source, field, "a LinkSpec", getattr(self, field))
+        if not isinstance(self.description, str):
+            _fail(source, "description", "a string", self.description)
+
+    def __hash__(self) -> int:  # the dict field would make the generated hash fail
+        return hash((self.name, self.device_type, self.backend, self.num_nodes, self.devices_per_node,
+                     self.device_memory_bytes, self.usable_memory_fraction,
+                     tuple(sorted(self.peak_flops_per_s.items())), self.matmul_efficiency,
+                     self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description))
+
+    @property
+    def world_size(self) -> int:
+        """Number of devices: num_nodes * devices_per_node."""
+        return self.num_nodes * self.devices_per_node
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """Bytes per device the planner may fill: floor(device_memory_bytes * usable_memory_fraction)."""
+        return int(self.device_memory_bytes * self.usable_memory_fraction)
+
+    def for_world_size(self, world_size: int) -> Cluster:
+        """A copy with num_nodes = ceil(world_size / devices_per_node).
+
+        The copy's `world_size` is rounded up to whole nodes (4 ranks on 8-device nodes keep one full node);
+        ranks 0..world_size-1 then sit on nodes exactly as torchrun places them.
+        """
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ClusterError(
+                f"cluster {self.name!r}: world_size must be a positive integer, got {world_size!r}"
+            )
+        return dataclasses.replace(self, num_nodes=math.ceil(world_size / self.devices_per_node))
+
+    def node_of(self, rank: int) -> int:
+        """The node that holds `rank`: rank // devices_per_node. ValueError for a rank outside the cluster."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(
+                f"rank {rank!r} is outside cluster {self.name!r} of {self.world_size} devices "
+                f"({self.num_nodes} node(s) x {self.devices_per_node}); "
+                f"use cluster.for_world_size(n) to size it for n ranks"
+            )
+        return rank // self.devices_per_node
+
+    def link_for(self, ranks: Sequence[int]) -> LinkSpec:
+        """intra_node when every rank of the group is on one node, else inter_node.
+
+        Blind spot: a group spanning nodes is priced entirely at inter-node speed (no hierarchical
+        algorithm that reduces inside each node first).
+        """
+        if len(ranks) == 0:
+            raise ValueError("link_for needs at least one rank, got an empty group")
+        nodes = {self.node_of(rank) for rank in ranks}
+        return self.intra_node if len(nodes) == 1 else self.inter_node
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: human units named in the keys, `schema_version` first. `from_dict` inverts it."""
+        data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "name": self.name}
+        if self.description:
+            data["description"] = self.description
+        data.update(
+            device_type=self.device_type,
+            backend=self.backend,
+            num_nodes=self.num_nodes,
+            devices_per_node=self.devices_per_node,
+            device_memory_gib=_to_human(self.device_memory_bytes, _GIB),
+            usable_memory_fraction=self.usable_memory_fraction,
+            peak_tflops={k: _to_human(v, _TERA) for k, v in self.peak_flops_per_s.items()},
+            matmul_efficiency=self.matmul_efficiency,
+            memory_bandwidth_gb_per_s=_to_human(self.memory_bandwidth_bytes_per_s, _GB),
+            intra_node=_link_to_dict(self.intra_node),
+            inter_node=_link_to_dict(self.inter_node),
+        )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Cluster:
+        """Build a Cluster from its YAML form, refusing unknown or missing keys, wrong types (bools are not
+        numbers), non-positive sizes and fractions outside (0, 1]. Errors are ClusterError naming `source`
+        and the field."""
+        data = _check_mapping(source, "<top level>", data)
+        _check_keys(source, "", data, _REQUIRED_KEYS, _OPTIONAL_KEYS)
+        version = data["schema_version"]
+        if isinstance(version, bool) or version != SCHEMA_VERSION:
+            _fail(source, "schema_version", f"{SCHEMA_VERSION} (the only version meshplan reads)", version)
+        name = _check_text(source, "name", data["name"])
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            _fail(source, "description", "a string (free text)", description)
+        device_type = _check_text(source, "device_type", data["device_type"], DEVICE_TYPES)
+        backend = _check_text(source, "backend", data["backend"], BACKENDS)
+        _check_backend(source, device_type, backend)
+        memory_gib = _check_number(source, "device_memory_gib", data["device_memory_gib"])
+        memory_bytes = round(_to_base(memory_gib, _GIB))
+        if memory_bytes < 1:
+            _fail(source, "device_memory_gib", "at least one byte", data["device_memory_gib"])
+        peak = _check_mapping(source, "peak_tflops", data["peak_tflops"])
+        _check_peak_keys(source, "peak_tflops", peak)
+        return cls(
+            name=name,
+            device_type=device_type,
+            backend=backend,
+            num_nodes=_check_int(source, "num_nodes", data["num_nodes"]),
+            devices_per_node=_check_int(source, "devices_per_node", data["devices_per_node"]),
+            device_memory_bytes=memory_bytes,
+            usable_memory_fraction=_check_number(
+                source, "usable_memory_fraction", data["usable_memory_fraction"], "fraction"
+            ),
+            peak_flops_per_s={
+                k: _to_base(_check_number(source, f"peak_tflops.{k}", v), _TERA) for k, v in peak.items()
+            },
+            matmul_efficiency=_check_number(
+                source, "matmul_efficiency", data["matmul_efficiency"], "fraction"
+            ),
+            memory_bandwidth_bytes_per_s=_to_base(
+                _check_number(source, "memory_bandwidth_gb_per_s", data["memory_bandwidth_gb_per_s"]), _GB
+            ),
+            intra_node=_link_from_dict(source, "intra_node", data["intra_node"]),
+            inter_node=_link_from_dict(source, "inter_node", data["inter_node"]),
+            description=description,
+        )
+
+
+def _link_to_dict(link: LinkSpec) -> dict[str, float | int]:
+    return {
+        "bandwidth_gb_per_s": _to_human(link.bandwidth_bytes_per_s, _GB),
+        "latency_us": _to_human(link.latency_s, _US_PER_S, inverse=True),
+    }
+
+
+def _link_from_dict(source: str, field: str, value: object) -> LinkSpec:
+    data = _check_mapping(source, field, value)
+    _check_keys(source, f"{field}.", data, _LINK_KEYS)
+    bandwidth = _check_number(source, f"{field}.bandwidth_gb_per_s", data["bandwidth_gb_per_s"])
+    latency = _check_number(source, f"{field}.latency_us", data["latency_us"], "non-negative")
+    return LinkSpec(bandwidth_bytes_per_s=_to_base(bandwidth, _GB),
+                    latency_s=_to_base(latency, _US_PER_S, inverse=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and presets.
+
+
+def _presets_dir() -> Any:
+    return resources.files(__package__) / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (files costmodel/presets/<name>.yaml), sorted."""
+    return sorted(p.name.removesuffix(".yaml") for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _parse(text: str, source: str) -> Cluster:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ClusterError(
+            f"cluster {source!r}: not valid YAML (or uses a tag safe_load refuses): {err}"
+        ) from err
+    if not isinstance(data, Mapping):
+        raise ClusterError(
+            f"cluster {source!r}: the top level must be a mapping of field: value, got {type(data).__name__}"
+        )
+    return Cluster.from_dict(data, source=source)
+
+
+def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
+    """Load a preset by name ("a100-80g") or a profile YAML file by path.
+
+    A string counts as a path when it names an existing file, ends in .yaml/.yml, or contains a path
+    separator; otherwise it is a preset name, and an unknown one raises ClusterError listing the presets.
+    """
+    text = os.fspath(name_or_path)
+    looks_like_path = (
+        isinstance(name_or_path, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
+        or "/" in text or os.path.isfile(text)
+    )
+    if looks_like_path:
+        path = Path(text)
+        try:
+            content = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ClusterError(
+                f"cluster {text!r}: cannot read the file ({err.strerror}); check the path"
+            ) from err
+        return _parse(content, text)
+    presets = list_presets()
+    if text not in presets:
+        raise ClusterError(
+            f"unknown cluster preset {text!r}; presets: {', '.join(presets)} "
+            f"(or pass the path of a cluster YAML file, e.g. one written by `meshplan calibrate`)"
+        )
+    resource = _presets_dir() / f"{text}.yaml"
+    return _parse(resource.read_text(encoding="utf-8"), f"{text}.yaml")
+
+
+def save_cluster(cluster: Cluster, path: str | os.PathLike[str]) -> None:
+    """Write `cluster` as YAML (its `to_dict` form) to `path`, overwriting it; `load_cluster` reads it."""
+    body = yaml.safe_dump(cluster.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    header = "# meshplan cluster profile; units are in the key names (GB = 1e9 bytes, GiB = 2**30 bytes)\n"
+    Path(path).write_text(header + body, encoding="utf-8")

@@ -1,0 +1,168 @@
+"""Capture one training step (forward, loss, backward) as an aten-level fx graph on fake tensors.
+
+Why make_fx of the joint step: `torch.fx.symbolic_trace` fails on real Hugging Face models and sees only the
+forward; `make_fx(tracing_mode="fake")` traces GPT-2, Llama, BERT, ViT and ResNet, runs on FakeTensors (no
+weight is allocated, meta-device models work), and tracing `torch.autograd.grad` inside the step records the
+backward too, so what autograd saves for backward is visible as forward values used by backward nodes.
+
+Every node is tied to the module that ran it: global module hooks mark which module is on top of the call
+stack while the tracer appends nodes, and backward nodes inherit the module of the forward op they
+differentiate through the autograd sequence number (`seq_nr`) that `preserve_node_meta` records.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import nn
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+
+from planner.model_spec import ModelSpec
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced; the message names the failing op or source line and what to try."""
+
+
+@dataclass
+class CapturedStep:
+    """A traced training step.
+
+    graph_module: aten-level graph of `loss, grads = step(params, buffers, inputs, targets)`.
+    module_path: fx node name -> dotted path of the module that produced it ("" for the root).
+    phase: fx node name -> "forward" or "backward".
+    param_names: placeholder node name -> parameter name, for parameter placeholders.
+    """
+
+    graph_module: torch.fx.GraphModule
+    module_path: dict[str, str]
+    phase: dict[str, str]
+    param_names: dict[str, str]
+
+
+class _ModuleAttributor:
+    """Labels each new fx node with the module on top of the call stack when the tracer created it."""
+
+    def __init__(self, model: nn.Module):
+        self.path_of = {id(m): name for name, m in model.named_modules()}
+        self.stack: list[str] = [""]
+        self.labels: dict[torch.fx.Node, str] = {}
+        self.phase_start: dict[torch.fx.Node, str] = {}
+        self.phase = "forward"
+
+    def flush(self) -> None:
+        """Assign every node created since the last flush to the current top of the module stack."""
+        mode = get_proxy_mode()
+        if mode is None:
+            return
+        for node in reversed(mode.tracer.graph.nodes):
+            if node in self.labels:
+                break
+            self.labels[node] = self.stack[-1]
+            self.phase_start[node] = self.phase
+
+    def start_backward(self, loss: torch.Tensor) -> None:
+        """Label backward nodes with the module of the forward op they differentiate.
+
+        Each autograd node gets a pre-hook that, when the engine is about to run it, flushes the nodes of the
+        previous autograd node and makes this node's forward module the current label.
+        """
+        self.phase = "backward"
+        self.stack = [""]
+        path_by_seq_nr = {}
+        for node, path in self.labels.items():
+            seq_nr = node.meta.get("seq_nr", -1)
+            if seq_nr is not None and seq_nr >= 0:
+                path_by_seq_nr.setdefault(seq_nr, path)
+        seen = set()
+        pending = [loss.grad_fn] if loss.grad_fn is not None else []
+        while pending:
+            grad_fn = pending.pop()
+            if grad_fn is None or grad_fn in seen:
+                continue
+            seen.add(grad_fn)
+            path = path_by_seq_nr.get(grad_fn._sequence_nr(), "")
+            grad_fn.register_prehook(self._backward_prehook(path))
+            pending.extend(next_fn for next_fn, _ in grad_fn.next_functions)
+
+    def _backward_prehook(self, path: str):
+        def hook(grad_outputs):
+            self.flush()
+            self.stack = [path]
+
+        return hook
+
+    def pre_hook(self, module: nn.Module, args) -> None:
+        self.flush()
+        self.stack.append(self.path_of.get(id(module), self.stack[-1]))
+
+    def post_hook(self, module: nn.Module, args, output) -> None:
+        self.flush()
+        if len(self.stack) > 1:
+            self.stack.pop()
+
+
+def _first_user_frame(err: BaseException) -> str:
+    """The innermost stack frame outside torch, so a trace failure points at the user's line."""
+    frames = traceback.extract_tb(err.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/planner/capture.py" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}: {frame.line}"
+    return "unknown location"
+
+
+def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
+    """Trace forward + loss + backward of `spec.model` on a batch of `batch_size` samples, on fake tensors."""
+    model = spec.model
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    if not params:
+        raise CaptureError("the model has no parameters: there is nothing to train or shard")
+    inputs, targets = spec.make_batch(batch_size, 0)
+    device = next(iter(params.values())).device
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    targets = targets.to(device)
+    attributor = _ModuleAttributor(model)
+
+    def step(params, buffers, inputs, targets):
+        output = functional_call(model, {**params, **buffers}, tuple(inputs))
+        loss = spec.loss_fn(output, targets)
+        attributor.flush()
+        attributor.start_backward(loss)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        attributor.flush()
+        return loss, grads
+
+    pre = nn.modules.module.register_module_forward_pre_hook(attributor.pre_hook)
+    post = nn.modules.module.register_module_forward_hook(attributor.post_hook)
+    try:
+        with fx_traceback.preserve_node_meta():
+            gm = make_fx(step, tracing_mode="fake")(params, buffers, inputs, targets)
+    except Exception as err:
+        raise CaptureError(
+            f"tracing the training step failed at {_first_user_frame(err)}\n"
+            f"  {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "  meshplan traces with torch make_fx on fake tensors: code that reads tensor values (`.item()`, "
+            "data-dependent `if`), or an op without a fake/meta kernel, cannot be traced. Rewrite that line "
+            "without data-dependent control flow, or wrap it in a custom op with a fake kernel."
+        ) from err
+    finally:
+        pre.remove()
+        post.remove()
+    return _label_nodes(gm, attributor, list(params))
+
+
+def _label_nodes(gm: torch.fx.GraphModule, attributor: _ModuleAttributor, param_names: list[str]) -> CapturedStep:
+    """Move the labels from the tracer's nodes to the returned graph's nodes (same names)."""
+    module_path = {node.name: path for node, path in attributor.labels.items()}
+    phase = {node.name: p for node, p in attributor.phase_start.items()}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        module_path.setdefault(node.name, "")
+        phase.setdefault(node.name, "forward" if node.op == "placeholder" else "backward")
+    param_placeholder = {n.name: name for n, name in zip(placeholders, param_names)}
+    return CapturedStep(graph_module=gm, module_path=module_path, phase=phase, param_names=param_placeholder)

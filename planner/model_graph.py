@@ -1,0 +1,314 @@
+"""ModelGraph: the traced training step as a networkx graph, summarised per layer of the layer chain.
+
+Nodes are aten ops of one forward + backward step (fx node names), with attributes:
+  module_path, layer, phase ("forward"/"backward"), output_shapes, flops, bytes_accessed, saved_bytes.
+Layers carry what the cost model needs: parameter count and bytes, FLOPs and memory traffic of forward and
+backward, bytes autograd saves for backward, and which part of each is inside tensor-parallel units.
+Identical layers (same class, parameter shapes and op sequence) share a `kind`, so each kind is costed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.utils.flop_counter import flop_registry
+
+from planner.capture import CapturedStep, capture_training_step
+from planner.layer_chain import find_layer_chain
+from planner.model_spec import ModelSpec
+from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
+
+_MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward",
+               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+               "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+@dataclass
+class LayerFacts:
+    """Per-layer totals for one traced step at `sample_batch_size` (FLOPs, traffic, activations scale with batch)."""
+
+    path: str
+    """Module path of the layer ("blocks.3")."""
+    kind: str
+    """Short hash shared by structurally identical layers."""
+    num_params: int
+    param_bytes: int
+    fwd_flops: float = 0.0
+    bwd_flops: float = 0.0
+    fwd_bytes: float = 0.0
+    """Bytes read + written by forward ops that are not matmuls (memory-bound work)."""
+    bwd_bytes: float = 0.0
+    saved_bytes: int = 0
+    """Bytes autograd keeps from forward to backward (activations), counted once per storage."""
+    tp_units: list[TensorParallelUnit] = field(default_factory=list)
+    tp_num_params: int = 0
+    """Parameters inside tensor-parallel units (sharded by tp)."""
+    tp_fwd_flops: float = 0.0
+    tp_bwd_flops: float = 0.0
+    tp_fwd_bytes: float = 0.0
+    tp_bwd_bytes: float = 0.0
+    tp_saved_bytes: int = 0
+    tp_allreduce_bytes: int = 0
+    """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+
+
+@dataclass
+class ModelGraph:
+    """The captured step as a graph plus its layer chain."""
+
+    graph: nx.DiGraph
+    layers: list[LayerFacts]
+    sample_batch_size: int
+    fingerprint: str
+    num_params: int
+
+    def kinds(self) -> dict[str, list[LayerFacts]]:
+        """Layers grouped by kind, in chain order of first appearance."""
+        groups: dict[str, list[LayerFacts]] = {}
+        for layer in self.layers:
+            groups.setdefault(layer.kind, []).append(layer)
+        return groups
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return True  # getitem and friends move no data
+    return any(ret.alias_info is not None for ret in target._schema.returns)
+
+
+def _node_flops(node: torch.fx.Node) -> float:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return 0.0
+    counter = flop_registry.get(target.overloadpacket)
+    if counter is None:
+        return 0.0
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    return float(counter(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def _storage_key(tensor: torch.Tensor):
+    try:
+        return tensor.untyped_storage()._cdata
+    except (NotImplementedError, RuntimeError):
+        return id(tensor)
+
+
+def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> ModelGraph:
+    """Capture `spec`'s training step on fake tensors and summarise it per layer."""
+    batch = sample_batch_size or spec.global_batch_size
+    captured = capture_training_step(spec, batch)
+    return model_graph_from_capture(spec.model, captured, batch)
+
+
+def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_batch_size: int) -> ModelGraph:
+    fx_graph = captured.graph_module.graph
+    nodes = list(fx_graph.nodes)
+    graph = nx.DiGraph()
+    for node in nodes:
+        graph.add_node(node.name)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp.name, node.name)
+
+    first_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        if captured.phase[node.name] == "forward" and node.op == "call_function":
+            first_use.setdefault(captured.module_path[node.name], index)
+    chain = find_layer_chain(model, first_use)
+    layer_of_node = _assign_layers(nodes, captured, chain)
+
+    params = dict(model.named_parameters())
+    param_storages = set()
+    param_layer: dict[str, str] = {}
+    for node in nodes:
+        if node.name in captured.param_names:
+            param_storages.add(_storage_key(node.meta["val"]))
+            users = [u for u in node.users if captured.phase[u.name] == "forward"]
+            first = min(users, key=nodes.index) if users else None
+            param_layer[captured.param_names[node.name]] = layer_of_node.get(first.name, chain[0]) if first else chain[0]
+
+    linear_outputs, linear_inputs = _find_linears(model, nodes, captured)
+    facts = {path: LayerFacts(path=path, kind="", num_params=0, param_bytes=0) for path in chain}
+    for name, layer in param_layer.items():
+        p = params[name]
+        facts[layer].num_params += p.numel()
+        facts[layer].param_bytes += p.numel() * p.element_size()
+
+    tp_region: dict[str, bool] = {}
+    node_by_name = {node.name: node for node in nodes}
+    for path in chain:
+        layer_nodes = {n for n, lay in layer_of_node.items() if lay == path and captured.phase[n] == "forward"}
+        units = find_tensor_parallel_units(graph, path, layer_nodes, linear_outputs, linear_inputs)
+        facts[path].tp_units = units
+        for unit in units:
+            _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
+                            node_by_name, params, tp_region, facts[path])
+
+    seen_storages = set(param_storages)
+    backward_users = {n.name for n in nodes if captured.phase[n.name] == "backward"}
+    for node in nodes:
+        layer = facts[layer_of_node[node.name]]
+        val = node.meta.get("val")
+        phase = captured.phase[node.name]
+        in_tp = tp_region.get(node.name, False)
+        flops = _node_flops(node) if node.op == "call_function" else 0.0
+        is_mm = isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket.__name__ in _MATMUL_OPS
+        moved = 0.0
+        if node.op == "call_function" and not is_mm and not _is_view(node):
+            moved = float(_nbytes(val) + sum(_nbytes(i.meta.get("val")) for i in node.all_input_nodes))
+        saved = 0
+        if phase == "forward" and node.name not in captured.param_names and any(
+                u.name in backward_users for u in node.users):
+            for t in _tensors(val):
+                key = _storage_key(t)
+                if key not in seen_storages:
+                    seen_storages.add(key)
+                    saved += t.untyped_storage().nbytes() if hasattr(t, "untyped_storage") else t.numel() * t.element_size()
+        graph.nodes[node.name].update(
+            module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
+            output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
+            saved_bytes=saved, tensor_parallel=in_tp)
+        if phase == "forward":
+            layer.fwd_flops += flops
+            layer.fwd_bytes += moved
+            layer.saved_bytes += saved
+            if in_tp:
+                layer.tp_fwd_flops += flops
+                layer.tp_fwd_bytes += moved
+                layer.tp_saved_bytes += saved
+        else:
+            layer.bwd_flops += flops
+            layer.bwd_bytes += moved
+            if in_tp:
+                layer.tp_bwd_flops += flops
+                layer.tp_bwd_bytes += moved
+
+    _assign_kinds(model, nodes, layer_of_node, captured, facts)
+    fingerprint = _fingerprint(nodes, captured)
+    num_params = sum(p.numel() for p in params.values())
+    return ModelGraph(graph=graph, layers=[facts[p] for p in chain], sample_batch_size=sample_batch_size,
+                      fingerprint=fingerprint, num_params=num_params)
+
+
+def _assign_layers(nodes: list[torch.fx.Node], captured: CapturedStep, chain: list[str]) -> dict[str, str]:
+    """Each node's layer: the chain layer containing its module, else the nearest labelled node before it."""
+    def owner(path: str) -> str | None:
+        for layer in chain:
+            if layer == "" or path == layer or path.startswith(layer + "."):
+                return layer
+        return None
+
+    layer_of: dict[str, str] = {}
+    pending: list[str] = []
+    last: str | None = None
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            pending.append(node.name)
+            continue
+        layer = owner(captured.module_path[node.name])
+        if layer is None:
+            layer = last
+        if layer is None:
+            pending.append(node.name)
+            continue
+        for name in pending:
+            layer_of[name] = layer
+        pending = []
+        layer_of[node.name] = layer
+        last = layer
+    for name in pending:
+        layer_of[name] = last if last is not None else chain[0]
+    return layer_of
+
+
+def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict[str, str], dict[str, str]]:
+    """For each nn.Linear used in forward: the node producing its output and the node that is its input."""
+    linear_paths = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    outputs: dict[str, str] = {}
+    inputs: dict[str, str] = {}
+    for node in nodes:
+        if captured.phase[node.name] != "forward" or node.op != "call_function":
+            continue
+        path = captured.module_path[node.name]
+        if path not in linear_paths:
+            continue
+        if path not in inputs:
+            # first op of the linear reads its input (a view/t of the activation or the weight)
+            for arg in node.all_input_nodes:
+                if arg.name not in captured.param_names and captured.module_path.get(arg.name) != path:
+                    inputs[path] = arg.name
+                    break
+        last_users = [u for u in node.users if captured.module_path.get(u.name) != path]
+        if last_users:
+            outputs[node.name] = path
+    return outputs, inputs
+
+
+def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],
+                    linear_outputs: dict[str, str], linear_inputs: dict[str, str], module_path: dict[str, str],
+                    node_by_name: dict[str, torch.fx.Node], params: dict[str, nn.Parameter],
+                    tp_region: dict[str, bool], fact: LayerFacts) -> None:
+    """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp."""
+    def full(rel: str) -> str:
+        return f"{layer_path}.{rel}" if layer_path else rel
+
+    col_paths = {full(c) for c in unit.colwise}
+    row_path = full(unit.rowwise)
+    feeds_row = nx.ancestors(graph, linear_inputs[row_path]) | {linear_inputs[row_path]}
+    region = {n for n in layer_nodes if module_path[n] in col_paths | {row_path}}
+    for out_node, path in linear_outputs.items():
+        if path in col_paths:
+            region |= (nx.descendants(graph, out_node) & feeds_row) & layer_nodes
+    for node in region:
+        tp_region[node] = True
+    for path in col_paths | {row_path}:
+        for name, p in params.items():
+            # the row linear's bias is added after the all-reduce, so it stays replicated
+            if name.startswith(path + ".") and not (path == row_path and name.endswith("bias")):
+                fact.tp_num_params += p.numel()
+    fact.tp_allreduce_bytes += sum(_nbytes(node_by_name[n].meta.get("val"))
+                                   for n, p in linear_outputs.items() if p == row_path)
+
+
+def _assign_kinds(model, nodes, layer_of_node, captured, facts) -> None:
+    signatures: dict[str, list[str]] = {path: [] for path in facts}
+    for path in facts:
+        if path:
+            module = model.get_submodule(path)
+            signatures[path].append(type(module).__name__)
+            signatures[path].extend(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters())
+    for node in nodes:
+        if captured.phase[node.name] == "forward" and node.op == "call_function":
+            shapes = [tuple(t.shape) for t in _tensors(node.meta.get("val"))]
+            signatures[layer_of_node[node.name]].append(f"{node.target}{shapes}")
+    for path, sig in signatures.items():
+        facts[path].kind = hashlib.sha256("\n".join(sig).encode()).hexdigest()[:10]
+
+
+def _fingerprint(nodes, captured: CapturedStep) -> str:
+    """sha256 over every forward op, its module path and output shapes, and parameter names and shapes."""
+    digest = hashlib.sha256()
+    for node in nodes:
+        if captured.phase[node.name] != "forward":
+            continue
+        shapes = [(tuple(t.shape), str(t.dtype)) for t in _tensors(node.meta.get("val"))]
+        label = captured.param_names.get(node.name, "")
+        digest.update(f"{node.op}|{node.target}|{captured.module_path[node.name]}|{label}|{shapes}\n".encode())
+    return "sha256:" + digest.hexdigest()[:16]
