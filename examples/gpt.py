@@ -84,12 +84,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def build_gpt(vocab: int = 256, seq_len: int = 32, hidden: int = 64, num_heads: int = 4, num_layers: int = 4,
               global_batch_size: int = 8) -> ModelSpec:
-    """A GPT with a synthetic next-token task (targets are inputs shifted by one, so the loss can fall)."""
+    """A GPT on a synthetic next-token task: arithmetic token sequences (random start and stride), so the
+    next token is predictable and the loss falls."""
     model = GPT(vocab, seq_len, hidden, num_heads, num_layers)
 
     def make_batch(batch_size: int, step: int):
         gen = torch.Generator().manual_seed(1000 + step)
-        tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen)
+        start = torch.randint(0, vocab, (batch_size, 1), generator=gen)
+        stride = torch.randint(1, 4, (batch_size, 1), generator=gen)
+        tokens = (start + stride * torch.arange(seq_len + 1)) % vocab
         return (tokens[:, :-1],), tokens[:, 1:]
 
     return ModelSpec(model=model, make_batch=make_batch, loss_fn=lm_loss,

@@ -1,0 +1,122 @@
+"""The `meshplan` command: plan, show, execute.
+
+    meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
+    meshplan show plan.yaml
+    meshplan execute plan.yaml --steps 5
+
+User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from costmodel import ClusterError
+from planner.capture import CaptureError
+from planner.model_spec import ModelSpecError
+from planner.plan import Plan
+from planner.plan_schema import PlanError
+
+USER_ERRORS = (PlanError, ClusterError, ModelSpecError, CaptureError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    try:
+        dp, tp = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DPxTP such as 2x2, got {text!r}") from None
+    if dp < 1 or tp < 1:
+        raise argparse.ArgumentTypeError(f"mesh sizes must be positive, got {text!r}")
+    return dp, tp
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable summary of a plan: mesh, layers with their strategy, and predictions."""
+    p = plan.predicted
+    lines = [f"model    {plan.model.source}  ({plan.model.num_parameters:,} parameters, "
+             f"global batch {plan.model.global_batch_size})",
+             f"cluster  {plan.cluster.get('name')}  world size {plan.world_size}",
+             f"mesh     dp={plan.mesh.dp} x tp={plan.mesh.tp}  (data parallel: {plan.data_parallel})", "",
+             f"{'layer':<24}{'strategy':<11}{'time (ms)':>11}{'memory (MiB)':>14}  tensor-parallel units"]
+    for layer in plan.layers:
+        units = "; ".join(f"{','.join(u.colwise)} -> {u.rowwise}" for u in layer.tensor_parallel)
+        lines.append(f"{layer.path or '<root>':<24}{layer.strategy:<11}{layer.predicted_time_ms:>11.3f}"
+                     f"{layer.predicted_memory_mib:>14.3f}  {units}")
+    lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f}, communication "
+                  f"{p.communication_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
+              f"predicted peak memory {p.peak_memory_mib:.3f} MiB per device of {p.memory_limit_mib:.1f} allowed "
+              f"(parameters {p.parameters_mib:.3f}, gradients {p.gradients_mib:.3f}, optimizer states "
+              f"{p.optimizer_states_mib:.3f}, activations {p.activations_mib:.3f})"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshplan", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="search the fastest plan that fits and write it as YAML")
+    p.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
+    p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
+    p.add_argument("--world-size", type=_positive_int, required=True, help="number of devices (ranks)")
+    p.add_argument("--mesh", type=_mesh, help="pin the mesh as DPxTP (e.g. 2x2) instead of searching")
+    p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
+    s = sub.add_parser("show", help="print a plan as tables")
+    s.add_argument("plan")
+    e = sub.add_parser("execute", help="train with a plan across ranks (starts torchrun when needed)")
+    e.add_argument("plan")
+    e.add_argument("--steps", type=_positive_int, default=5)
+    e.add_argument("--report-json", help="also write the run report as JSON here")
+    e.add_argument("--quiet", action="store_true", help="do not print the report")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        from planner.api import plan
+
+        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh)
+        result.save(args.out)
+        print(format_plan(result))
+        print(f"\nwrote {args.out}")
+        return 0
+    if args.command == "show":
+        print(format_plan(Plan.load(args.plan)))
+        return 0
+    if args.command == "execute":
+        from runtime.execute import execute, inside_torchrun
+
+        plan = Plan.load(args.plan)
+        if inside_torchrun():
+            plan_dir = Path(os.environ.get("MESHPLAN_PLAN_DIR", Path(args.plan).resolve().parent))
+            from runtime.execute import run_plan_in_torchrun
+
+            run_plan_in_torchrun(plan, args.steps, plan_dir, args.report_json, args.quiet)
+        else:
+            execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Apply a Plan's sharding to a model: DTensor tensor parallelism per layer, then FSDP2 over the dp axis.
+
+Tensor-parallel layers keep activations as DTensors between their column and row linears
+(`use_local_output=False`), so code that reshapes with global sizes (`view(b, s, n_heads, d)` with sizes read
+from the tensor) stays correct; the row linear returns a plain replicated tensor, so the rest of the model
+is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from planner.plan import Plan
+from planner.plan_schema import PlanError
+
+
+def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as err:
+        raise PlanError(f"{source}: the model has no module {path!r}; the plan was made for another model") from err
+
+
+def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
+    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel."""
+    for layer in plan.layers:
+        if layer.strategy != "tensor":
+            continue
+        module = _submodule(model, layer.path, f"layer {layer.path}")
+        styles = {}
+        for unit in layer.tensor_parallel:
+            for col in unit.colwise:
+                styles[col] = ColwiseParallel(use_local_output=False)
+            styles[unit.rowwise] = RowwiseParallel()
+        for rel in styles:
+            sub = _submodule(module, rel, f"layer {layer.path}")
+            if not isinstance(sub, nn.Linear):
+                raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
+                                f"{type(sub).__name__}, not an nn.Linear")
+            if tp_mesh.size() > 1:
+                dim = sub.out_features if isinstance(styles[rel], ColwiseParallel) else sub.in_features
+                if dim % tp_mesh.size():
+                    raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
+                                    f"tp={tp_mesh.size()}")
+        parallelize_module(module, tp_mesh, styles)
+
+
+def apply_data_parallel(model: nn.Module, plan: Plan, dp_mesh: DeviceMesh) -> None:
+    """FSDP2 (ZeRO-3): one `fully_shard` unit per chain layer that owns parameters, then the root."""
+    for layer in plan.layers:
+        if not layer.path:
+            continue
+        module = _submodule(model, layer.path, f"layer {layer.path}")
+        if any(True for _ in module.parameters()):
+            fully_shard(module, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+
+
+def forward_context(plan: Plan) -> contextlib.AbstractContextManager:
+    """Context for running a forward with tensor-parallel layers.
+
+    The math SDPA backend decomposes attention into matmul/softmax, which DTensor shards (its fused CPU
+    kernels have no sharding rule); implicit replication lets plain tensors created inside the model (masks,
+    positions) mix with DTensor activations.
+    """
+    if not any(layer.strategy == "tensor" for layer in plan.layers) or plan.mesh.tp == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(implicit_replication())
+    return stack
