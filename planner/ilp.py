@@ -47,8 +47,8 @@ def choose_strategies(options: dict[str, dict[str, Option]], counts: dict[str, i
     problem += pulp.lpSum(
         counts[k] * (opt.time_s * 1e3 + 1e-9 * j) * x[k, s]
         for k, opts in options.items() for j, (s, opt) in enumerate(opts.items()))
-    for k, opts in options.items():
-        problem += pulp.lpSum(x[k, s] for s in opts) == 1, f"one_strategy_{len(problem.constraints)}"
+    for i, (k, opts) in enumerate(options.items()):
+        problem += pulp.lpSum(x[k, s] for s in opts) == 1, f"one_strategy_{i}"
     problem += pulp.lpSum(counts[k] * opt.memory_bytes / 2**20 * x[k, s]
                           for k, opts in options.items() for s, opt in opts.items()) \
         <= memory_budget_bytes / 2**20, "fits_in_memory"
