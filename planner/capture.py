@@ -35,6 +35,8 @@ class CapturedStep:
     graph_module: aten-level graph of `loss, grads = step(params, buffers, inputs, targets)`.
     module_path: fx node name -> dotted path of the module that produced it ("" for the root).
     phase: fx node name -> "forward" or "backward".
+    grad_of_seq_nr: backward fx node name -> autograd sequence number of the forward op it differentiates
+        (forward nodes carry theirs as node.meta["seq_nr"]).
     param_names: placeholder node name -> parameter name, for parameter placeholders.
     """
 
@@ -42,6 +44,7 @@ class CapturedStep:
     module_path: dict[str, str]
     phase: dict[str, str]
     param_names: dict[str, str]
+    grad_of_seq_nr: dict[str, int]
 
 
 class _ModuleAttributor:
@@ -53,6 +56,8 @@ class _ModuleAttributor:
         self.labels: dict[torch.fx.Node, str] = {}
         self.phase_start: dict[torch.fx.Node, str] = {}
         self.phase = "forward"
+        self.seq_nr = -1
+        self.grad_of_seq_nr: dict[torch.fx.Node, int] = {}
 
     def flush(self) -> None:
         """Assign every node created since the last flush to the current top of the module stack."""
@@ -64,6 +69,8 @@ class _ModuleAttributor:
                 break
             self.labels[node] = self.stack[-1]
             self.phase_start[node] = self.phase
+            if self.phase == "backward":
+                self.grad_of_seq_nr[node] = self.seq_nr
 
     def start_backward(self, loss: torch.Tensor) -> None:
         """Label backward nodes with the module of the forward op they differentiate.
@@ -85,14 +92,15 @@ class _ModuleAttributor:
             if grad_fn is None or grad_fn in seen:
                 continue
             seen.add(grad_fn)
-            path = path_by_seq_nr.get(grad_fn._sequence_nr(), "")
-            grad_fn.register_prehook(self._backward_prehook(path))
+            seq_nr = grad_fn._sequence_nr()
+            grad_fn.register_prehook(self._backward_prehook(path_by_seq_nr.get(seq_nr, ""), seq_nr))
             pending.extend(next_fn for next_fn, _ in grad_fn.next_functions)
 
-    def _backward_prehook(self, path: str):
+    def _backward_prehook(self, path: str, seq_nr: int):
         def hook(grad_outputs):
             self.flush()
             self.stack = [path]
+            self.seq_nr = seq_nr
 
         return hook
 
@@ -165,4 +173,6 @@ def _label_nodes(gm: torch.fx.GraphModule, attributor: _ModuleAttributor, param_
         module_path.setdefault(node.name, "")
         phase.setdefault(node.name, "forward" if node.op == "placeholder" else "backward")
     param_placeholder = {n.name: name for n, name in zip(placeholders, param_names)}
-    return CapturedStep(graph_module=gm, module_path=module_path, phase=phase, param_names=param_placeholder)
+    grad_of_seq_nr = {node.name: seq for node, seq in attributor.grad_of_seq_nr.items()}
+    return CapturedStep(graph_module=gm, module_path=module_path, phase=phase, param_names=param_placeholder,
+                        grad_of_seq_nr=grad_of_seq_nr)

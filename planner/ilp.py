@@ -40,8 +40,8 @@ def choose_strategies(options: dict[str, dict[str, Option]], counts: dict[str, i
                       memory_budget_bytes: float) -> dict[str, str] | None:
     """Strategy per kind minimising total time within `memory_budget_bytes`; None when nothing fits."""
     problem = pulp.LpProblem("meshplan_layer_strategies", pulp.LpMinimize)
-    # Scale to keep coefficients well conditioned: times in ms, memory in MiB.
-    x = {(k, s): pulp.LpVariable(f"x_{i}_{j}", cat="Binary")
+    # coefficients in ms and MiB keep the problem well conditioned
+    x = {(k, s): problem.add_variable(f"x_{i}_{j}", cat="Binary")
          for i, (k, opts) in enumerate(options.items()) for j, s in enumerate(opts)}
     # a tiny preference for earlier-listed strategies makes ties deterministic
     problem += pulp.lpSum(

@@ -161,6 +161,11 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
                             node_by_name, params, tp_region, facts[path])
 
+    # a backward op is sharded when the forward op it differentiates is
+    sharded_seq_nrs = {node_by_name[n].meta.get("seq_nr") for n in tp_region}
+    for name, seq_nr in captured.grad_of_seq_nr.items():
+        if seq_nr >= 0 and seq_nr in sharded_seq_nrs:
+            tp_region[name] = True
     seen_storages = set(param_storages)
     backward_users = {n.name for n in nodes if captured.phase[n.name] == "backward"}
     for node in nodes:

@@ -1,0 +1,97 @@
+"""plan(): search results, YAML round trip, determinism, and clear errors for broken plan files."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from costmodel import load_cluster
+from planner.api import plan
+from planner.plan import Plan
+from planner.plan_schema import PlanError
+from planner.search import InfeasiblePlanError
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT = f"{ROOT}/examples/gpt.py:build_gpt"
+
+
+@pytest.fixture(scope="module")
+def gpt_plan() -> Plan:
+    return plan(GPT, "cpu", 4)
+
+
+def test_plan_is_consistent_and_fits(gpt_plan):
+    assert gpt_plan.mesh.dp * gpt_plan.mesh.tp == 4
+    assert [layer.path for layer in gpt_plan.layers][:3] == ["wte", "wpe", "blocks.0"]
+    assert gpt_plan.predicted.peak_memory_mib <= gpt_plan.predicted.memory_limit_mib
+    assert gpt_plan.predicted.step_time_ms > 0
+
+
+def test_yaml_round_trip_and_determinism(gpt_plan, tmp_path):
+    path = tmp_path / "plan.yaml"
+    gpt_plan.save(path)
+    assert Plan.load(path) == gpt_plan
+    assert plan(GPT, "cpu", 4).to_yaml() == gpt_plan.to_yaml()
+
+
+def test_memory_forces_tensor_parallel():
+    # slow links make tensor parallelism lose on time; on tp4 the replicated GPT needs 8.5 MiB per device and
+    # the one with sharded blocks 3.6 MiB, so 6 MiB forces sharding and 2 GiB does not
+    cluster = load_cluster("cpu").to_dict()
+    slow = {**cluster, "intra_node": {"bandwidth_gb_per_s": 0.01, "latency_us": 10000}}
+    roomy = plan(GPT, type(load_cluster("cpu")).from_dict(slow), 4, mesh=(1, 4))
+    assert all(layer.strategy == "replicate" for layer in roomy.layers)
+    tight = type(load_cluster("cpu")).from_dict({**slow, "device_memory_gib": 6 / 1024, "usable_memory_fraction": 1.0})
+    forced = plan(GPT, tight, 4, mesh=(1, 4))
+    assert [layer.strategy for layer in forced.layers if layer.path.startswith("blocks.")] == ["tensor"] * 4
+    assert forced.predicted.peak_memory_mib <= forced.predicted.memory_limit_mib < roomy.predicted.peak_memory_mib
+
+
+def test_infeasible_says_how_much_memory_is_needed():
+    cluster = load_cluster("cpu")
+    tiny = type(cluster).from_dict({**cluster.to_dict(), "device_memory_gib": 0.0001})
+    with pytest.raises(InfeasiblePlanError, match=r"needs [\d.,]+ MiB per device"):
+        plan(GPT, tiny, 4)
+
+
+def edit(gpt_plan, change) -> str:
+    data = yaml.safe_load(gpt_plan.to_yaml())
+    change(data)
+    return yaml.safe_dump(data)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("mesh"), "missing field 'mesh'"),
+    (lambda d: d.update(extra=1), "unknown field 'extra'"),
+    (lambda d: d["mesh"].update(tp="two"), "field 'mesh.tp' must be an integer"),
+    (lambda d: d["mesh"].update(dp=3), "world_size is 4"),
+    (lambda d: d.update(schema_version=99), "schema_version"),
+    (lambda d: d["layers"][0].update(strategy="magic"), r"layers\[0\] \(wte\).strategy"),
+    (lambda d: d["layers"][0].update(strategy="tensor"), "no tensor_parallel units"),
+    (lambda d: d["model"].update(num_parameters=True), "model.num_parameters"),
+    (lambda d: d.update(layers=[]), "layers' is empty"),
+])
+def test_broken_plans_name_the_field(gpt_plan, change, message):
+    with pytest.raises(PlanError, match=message):
+        Plan.from_yaml(edit(gpt_plan, change), "plan.yaml")
+
+
+def test_yaml_that_builds_python_objects_is_rejected():
+    with pytest.raises(PlanError, match="not valid YAML"):
+        Plan.from_yaml("!!python/object/apply:os.system ['echo hi']", "evil.yaml")
+
+
+def test_cli_plan_show_and_user_errors(tmp_path):
+    out = tmp_path / "plan.yaml"
+    done = subprocess.run([sys.executable, "-m", "meshplan.cli", "plan", GPT, "--cluster", "cpu",
+                           "--world-size", "4", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "predicted step time" in done.stdout and out.exists()
+    shown = subprocess.run([sys.executable, "-m", "meshplan.cli", "show", str(out)], capture_output=True, text=True)
+    assert "blocks.0" in shown.stdout
+    out.write_text(out.read_text().replace("world_size: 4", "world_size: 3"))
+    bad = subprocess.run([sys.executable, "-m", "meshplan.cli", "show", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "world_size is 3" in bad.stderr and "Traceback" not in bad.stderr
