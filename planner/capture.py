@@ -172,7 +172,7 @@ def _label_nodes(gm: torch.fx.GraphModule, attributor: _ModuleAttributor, param_
     for node in gm.graph.nodes:
         module_path.setdefault(node.name, "")
         phase.setdefault(node.name, "forward" if node.op == "placeholder" else "backward")
-    param_placeholder = {n.name: name for n, name in zip(placeholders, param_names)}
+    param_placeholder = {n.name: name for n, name in zip(placeholders, param_names, strict=False)}
     grad_of_seq_nr = {node.name: seq for node, seq in attributor.grad_of_seq_nr.items()}
     return CapturedStep(graph_module=gm, module_path=module_path, phase=phase, param_names=param_placeholder,
                         grad_of_seq_nr=grad_of_seq_nr)

@@ -135,14 +135,15 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
     layer_of_node = _assign_layers(nodes, captured, chain)
 
     params = dict(model.named_parameters())
+    position = {node.name: i for i, node in enumerate(nodes)}
     param_storages = set()
     param_layer: dict[str, str] = {}
     for node in nodes:
         if node.name in captured.param_names:
             param_storages.add(_storage_key(node.meta["val"]))
             users = [u for u in node.users if captured.phase[u.name] == "forward"]
-            first = min(users, key=nodes.index) if users else None
-            param_layer[captured.param_names[node.name]] = layer_of_node.get(first.name, chain[0]) if first else chain[0]
+            first = min(users, key=lambda u: position[u.name]) if users else None
+            param_layer[captured.param_names[node.name]] = layer_of_node[first.name] if first else chain[0]
 
     linear_outputs, linear_inputs = _find_linears(model, nodes, captured)
     facts = {path: LayerFacts(path=path, kind="", num_params=0, param_bytes=0) for path in chain}
@@ -185,7 +186,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
                 key = _storage_key(t)
                 if key not in seen_storages:
                     seen_storages.add(key)
-                    saved += t.untyped_storage().nbytes() if hasattr(t, "untyped_storage") else t.numel() * t.element_size()
+                    saved += t.untyped_storage().nbytes()
         graph.nodes[node.name].update(
             module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
             output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
