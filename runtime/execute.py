@@ -61,6 +61,7 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
         dist.init_process_group(backend)
     try:
         report = run_in_this_process_group(plan, steps, plan_dir)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         if owns_group:
             dist.destroy_process_group()

@@ -75,6 +75,7 @@ def main() -> None:
             worst["param"], worst_names["param"] = diff, name
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps({"worst": worst, "where": worst_names, "losses": losses}))
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 
