@@ -95,14 +95,11 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(Plan.load(args.plan)))
         return 0
     if args.command == "execute":
-        from runtime.execute import execute, inside_torchrun
+        from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun
 
-        plan = Plan.load(args.plan)
         if inside_torchrun():
             plan_dir = Path(os.environ.get("MESHPLAN_PLAN_DIR", Path(args.plan).resolve().parent))
-            from runtime.execute import run_plan_in_torchrun
-
-            run_plan_in_torchrun(plan, args.steps, plan_dir, args.report_json, args.quiet)
+            run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet)
         else:
             execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet)
         return 0
