@@ -40,6 +40,8 @@ class StrategyCost:
     activations_bytes: int
     unsharded_parameters_bytes: int
     """Parameter bytes this rank holds while FSDP has the layer gathered (the all-gather buffer)."""
+    sharded_num_params: int
+    """Parameters this rank owns and updates after tp and dp sharding (what its optimizer step touches)."""
 
     @property
     def time_s(self) -> float:
@@ -90,4 +92,5 @@ def layer_cost(layer: LayerFacts, strategy: str, dp: int, tp: int, batch_scale: 
     return StrategyCost(compute_s=compute_s, communication_s=communication_s,
                         parameters_bytes=states.parameters_bytes, gradients_bytes=states.gradients_bytes,
                         optimizer_states_bytes=states.optimizer_states_bytes, activations_bytes=activations,
-                        unsharded_parameters_bytes=int(local_param_bytes))
+                        unsharded_parameters_bytes=int(local_param_bytes),
+                        sharded_num_params=-(-local_params // dp))
