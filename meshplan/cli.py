@@ -33,14 +33,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _mesh(text: str) -> tuple[int, int]:
+def _mesh(text: str) -> tuple[int, int, int]:
+    """PPxDPxTP (or DPxTP, meaning pp = 1)."""
     try:
-        dp, tp = (int(part) for part in text.lower().split("x"))
+        sizes = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DPxTP such as 2x2, got {text!r}") from None
-    if dp < 1 or tp < 1:
-        raise argparse.ArgumentTypeError(f"mesh sizes must be positive, got {text!r}")
-    return dp, tp
+        raise argparse.ArgumentTypeError(f"expected PPxDPxTP or DPxTP such as 1x2x2, got {text!r}") from None
+    if len(sizes) not in (2, 3) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected PPxDPxTP or DPxTP with positive sizes, got {text!r}")
+    return sizes if len(sizes) == 3 else (1, *sizes)
 
 
 def format_plan(plan: Plan) -> str:
@@ -49,12 +50,16 @@ def format_plan(plan: Plan) -> str:
     lines = [f"model    {plan.model.source}  ({plan.model.num_parameters:,} parameters, "
              f"global batch {plan.model.global_batch_size})",
              f"cluster  {plan.cluster.get('name')}  world size {plan.world_size}",
-             f"mesh     dp={plan.mesh.dp} x tp={plan.mesh.tp}  (data parallel: {plan.data_parallel})", "",
-             f"{'layer':<24}{'strategy':<11}{'time (ms)':>11}{'memory (MiB)':>14}  tensor-parallel units"]
+             f"mesh     pp={plan.mesh.pp} x dp={plan.mesh.dp} x tp={plan.mesh.tp}  (data parallel: "
+             f"{plan.data_parallel.kind}, schedule {plan.pipeline.schedule}, {plan.pipeline.num_microbatches} "
+             f"micro-batches of {plan.micro_batch_size}, {plan.precision.param_dtype})", "",
+             f"{'layer':<24}{'stage':>5}  {'strategy':<11}{'checkpoint':<11}{'time (ms)':>11}{'memory (MiB)':>14}"
+             "  tensor-parallel units"]
     for layer in plan.layers:
         units = "; ".join(f"{','.join(u.colwise)} -> {u.rowwise}" for u in layer.tensor_parallel)
-        lines.append(f"{layer.path or '<root>':<24}{layer.strategy:<11}{layer.predicted_time_ms:>11.3f}"
-                     f"{layer.predicted_memory_mib:>14.3f}  {units}")
+        extras = (" +sp" if layer.sequence_parallel else "") + (" +offload" if layer.offload_activations else "")
+        lines.append(f"{layer.path or '<root>':<24}{layer.stage:>5}  {layer.strategy:<11}{layer.checkpoint:<11}"
+                     f"{layer.predicted_time_ms:>11.3f}{layer.predicted_memory_mib:>14.3f}  {units}{extras}")
     lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f}, communication "
                   f"{p.communication_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
               f"predicted peak memory {p.peak_memory_mib:.3f} MiB per device of {p.memory_limit_mib:.1f} allowed "
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
     p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
     p.add_argument("--world-size", type=_positive_int, required=True, help="number of devices (ranks)")
-    p.add_argument("--mesh", type=_mesh, help="pin the mesh as DPxTP (e.g. 2x2) instead of searching")
+    p.add_argument("--mesh", type=_mesh, help="pin the mesh as PPxDPxTP or DPxTP (e.g. 2x2) instead of searching")
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")

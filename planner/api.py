@@ -7,10 +7,13 @@ from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import (
     SCHEMA_VERSION,
+    DataParallelPlan,
     LayerPlan,
     MeshShape,
     ModelRef,
+    PipelinePlan,
     Plan,
+    PrecisionPlan,
     Prediction,
     TensorParallelUnitPlan,
 )
@@ -26,11 +29,12 @@ def _mib(num_bytes: float) -> float:
     return round(num_bytes / MIB, 3)
 
 
-def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, int] | None = None,
+def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, int, int] | None = None,
          seed: int = 0) -> Plan:
     """Plan training of `model` (`path/to/file.py:function`) on `world_size` devices of `cluster`.
 
-    `cluster` is a preset name, a YAML path or a Cluster. `mesh=(dp, tp)` pins the mesh instead of searching.
+    `cluster` is a preset name, a YAML path or a Cluster. `mesh=(pp, dp, tp)` pins the mesh instead of
+    searching.
     The model is built on the meta device and traced on fake tensors: no weight is allocated.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -39,6 +43,11 @@ def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, i
     profile = profile.for_world_size(world_size)
     spec = load_model_spec(model, device="meta")
     graph = build_model_graph(spec)
+    if mesh is not None:
+        if len(mesh) != 3 or mesh[0] != 1:
+            raise PlanError(f"mesh must be (pp, dp, tp) with pp = 1 for now (pipeline search is not built yet), "
+                            f"got {mesh!r}")
+        mesh = mesh[1:]
     best = search_meshes(spec.model, graph, profile, world_size, spec.global_batch_size, mesh)
 
     layers = []
@@ -68,8 +77,10 @@ def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, i
                        global_batch_size=spec.global_batch_size),
         cluster=profile.to_dict(),
         world_size=world_size,
-        mesh=MeshShape(dp=best.dp, tp=best.tp),
-        data_parallel="fsdp",
+        mesh=MeshShape(pp=1, dp=best.dp, tp=best.tp),
+        data_parallel=DataParallelPlan(kind="zero3"),
+        precision=PrecisionPlan(),
+        pipeline=PipelinePlan(),
         layers=layers,
         predicted=prediction,
         seed=seed,

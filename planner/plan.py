@@ -16,9 +16,12 @@ import yaml
 
 from planner.plan_schema import PlanError, from_plain, to_plain
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STRATEGIES = ("replicate", "tensor")
-DATA_PARALLEL_KINDS = ("fsdp",)
+DATA_PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3")
+CHECKPOINT_KINDS = ("none", "selective", "full")
+SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -35,10 +38,56 @@ class ModelRef:
 
 @dataclass
 class MeshShape:
-    """Sizes of the device mesh axes; ranks are laid out row-major over (dp, tp), tp fastest (inside a node)."""
+    """Sizes of the device mesh axes; ranks are laid out row-major over (pp, dp, tp), tp fastest.
 
+    So a tensor-parallel group is contiguous (inside a node), data-parallel peers are strided by tp, and
+    pipeline stages are the slowest axis (across nodes first).
+    """
+
+    pp: int
     dp: int
     tp: int
+
+
+@dataclass
+class DataParallelPlan:
+    """How model states are replicated or sharded over the dp axis."""
+
+    kind: str
+    """`ddp` (everything replicated, gradients all-reduced), `zero1` (optimizer states sharded), `zero2`
+    (gradients too), `zero3` (parameters too: FSDP2 `fully_shard`)."""
+    replicate: int = 1
+    """HSDP: dp = replicate x shard; states are sharded inside groups of dp / replicate ranks and replicated
+    across the `replicate` groups. 1 = shard over all of dp."""
+    reshard_after_forward: bool = True
+    """zero3 only: free gathered parameters after forward and gather again for backward (False keeps them)."""
+    offload: bool = False
+    """zero3 only: parameters, gradients and optimizer states live on the host (`CPUOffloadPolicy`)."""
+
+
+@dataclass
+class PrecisionPlan:
+    """Mixed precision: compute in `param_dtype`, keep fp32 master weights and optimizer states."""
+
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+    """Dtype of gradient reduction across dp ranks."""
+
+
+@dataclass
+class PipelinePlan:
+    """Micro-batching and the pipeline schedule.
+
+    micro-batch size = global batch / (dp x num_microbatches). With pp = 1, num_microbatches > 1 means
+    gradient accumulation and schedule is `none`.
+    """
+
+    schedule: str = "none"
+    """`none` (pp = 1), `gpipe`, `1f1b` or `interleaved_1f1b` (torch.distributed.pipelining schedules)."""
+    num_microbatches: int = 1
+    """Micro-batches per optimizer step on each dp rank."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank; > 1 only for `interleaved_1f1b` (stage s runs on pp rank s % pp)."""
 
 
 @dataclass
@@ -61,6 +110,15 @@ class LayerPlan:
     """`replicate` (every tp rank runs the whole layer) or `tensor` (its units are sharded over tp)."""
     tensor_parallel: list[TensorParallelUnitPlan] = field(default_factory=list)
     """Units applied when strategy is `tensor`; paths relative to the layer."""
+    sequence_parallel: bool = False
+    """`tensor` layers only: norms and dropout outside the units run sharded on the sequence dimension."""
+    stage: int = 0
+    """Pipeline stage (0 .. pp x virtual_stages - 1); stages are contiguous runs of the chain, in order."""
+    checkpoint: str = "none"
+    """Activation checkpointing: `none`, `selective` (save matmul outputs, recompute the rest) or `full`
+    (keep only the layer input, recompute the layer in backward)."""
+    offload_activations: bool = False
+    """Saved activations wait on the host between forward and backward (`save_on_cpu`)."""
     predicted_time_ms: float = 0.0
     predicted_memory_mib: float = 0.0
 
@@ -79,6 +137,22 @@ class Prediction:
     optimizer_states_mib: float
     activations_mib: float
     memory_limit_mib: float
+    bubble_ms: float = 0.0
+    """Pipeline idle time per step (included in step_time_ms)."""
+    recompute_ms: float = 0.0
+    """Forward recomputation of checkpointed layers (included in compute_ms)."""
+
+
+@dataclass
+class Alternative:
+    """A configuration the search priced and did not choose, for `meshplan show --why`."""
+
+    summary: str
+    """Short form, e.g. `pp1 dp4 tp1 zero3 mb1 x8, ckpt none`."""
+    step_time_ms: float
+    peak_memory_mib: float
+    why_not: str
+    """Why it lost: slower by how much and where the time goes, or how far over the memory limit."""
 
 
 @dataclass
@@ -91,47 +165,98 @@ class Plan:
     """The cluster profile the plan was costed on (same form as a cluster YAML)."""
     world_size: int
     mesh: MeshShape
-    data_parallel: str
-    """`fsdp`: parameters, gradients and optimizer states sharded over dp (ZeRO-3, FSDP2 fully_shard)."""
+    data_parallel: DataParallelPlan
+    precision: PrecisionPlan
+    pipeline: PipelinePlan
     layers: list[LayerPlan]
     predicted: Prediction
+    alternatives: list[Alternative] = field(default_factory=list)
     seed: int = 0
     """Random seed every rank uses to build the initial weights."""
+
+    @property
+    def num_stages(self) -> int:
+        return self.mesh.pp * self.pipeline.virtual_stages
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.model.global_batch_size // (self.mesh.dp * self.pipeline.num_microbatches)
 
     def validate(self, source: str = "plan") -> None:
         """Raise PlanError if the parts of the plan contradict each other."""
         if self.schema_version != SCHEMA_VERSION:
             raise PlanError(f"{source}: schema_version {self.schema_version} is not supported; this meshplan "
                             f"reads version {SCHEMA_VERSION}. Re-run `meshplan plan` to regenerate it.")
-        for name in ("dp", "tp"):
-            if getattr(self.mesh, name) < 1:
-                raise PlanError(f"{source}: field 'mesh.{name}' must be >= 1, got {getattr(self.mesh, name)}")
+        mesh, dpp, pipe = self.mesh, self.data_parallel, self.pipeline
+        for name in ("pp", "dp", "tp"):
+            if getattr(mesh, name) < 1:
+                raise PlanError(f"{source}: field 'mesh.{name}' must be >= 1, got {getattr(mesh, name)}")
         if self.world_size < 1:
             raise PlanError(f"{source}: field 'world_size' must be >= 1, got {self.world_size}")
-        if self.mesh.dp * self.mesh.tp != self.world_size:
-            raise PlanError(f"{source}: mesh dp={self.mesh.dp} x tp={self.mesh.tp} = "
-                            f"{self.mesh.dp * self.mesh.tp} ranks, but world_size is {self.world_size}. "
+        if mesh.pp * mesh.dp * mesh.tp != self.world_size:
+            raise PlanError(f"{source}: mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp} = "
+                            f"{mesh.pp * mesh.dp * mesh.tp} ranks, but world_size is {self.world_size}. "
                             "Make the product of the mesh axes equal world_size.")
-        if self.data_parallel not in DATA_PARALLEL_KINDS:
-            raise PlanError(f"{source}: field 'data_parallel' must be one of {list(DATA_PARALLEL_KINDS)}, "
-                            f"got {self.data_parallel!r}")
-        if self.model.global_batch_size % self.mesh.dp:
-            raise PlanError(f"{source}: global_batch_size {self.model.global_batch_size} is not divisible by "
-                            f"dp={self.mesh.dp}; choose a dp that divides it.")
+        _check_choice(source, "data_parallel.kind", dpp.kind, DATA_PARALLEL_KINDS)
+        if dpp.replicate < 1 or mesh.dp % dpp.replicate:
+            raise PlanError(f"{source}: field 'data_parallel.replicate' must be a divisor of dp={mesh.dp}, "
+                            f"got {dpp.replicate}")
+        if dpp.replicate > 1 and dpp.kind == "ddp":
+            raise PlanError(f"{source}: data_parallel.replicate > 1 (HSDP) needs a sharded kind "
+                            "(zero1/zero2/zero3), not ddp")
+        if dpp.offload and dpp.kind != "zero3":
+            raise PlanError(f"{source}: data_parallel.offload needs kind 'zero3' (FSDP2 CPUOffloadPolicy), "
+                            f"got {dpp.kind!r}")
+        _check_choice(source, "precision.param_dtype", self.precision.param_dtype, PARAM_DTYPES)
+        _check_choice(source, "precision.reduce_dtype", self.precision.reduce_dtype, PARAM_DTYPES)
+        self._validate_pipeline(source)
         if not self.layers:
             raise PlanError(f"{source}: field 'layers' is empty; a plan needs at least one layer")
         seen = set()
+        previous_stage = 0
         for i, layer in enumerate(self.layers):
             where = f"layers[{i}] ({layer.path or '<root>'})"
             if layer.path in seen:
                 raise PlanError(f"{source}: {where} appears twice")
             seen.add(layer.path)
-            if layer.strategy not in STRATEGIES:
-                raise PlanError(f"{source}: field '{where}.strategy' must be one of {list(STRATEGIES)}, "
-                                f"got {layer.strategy!r}")
+            _check_choice(source, f"{where}.strategy", layer.strategy, STRATEGIES)
+            _check_choice(source, f"{where}.checkpoint", layer.checkpoint, CHECKPOINT_KINDS)
             if layer.strategy == "tensor" and not layer.tensor_parallel:
                 raise PlanError(f"{source}: {where} has strategy 'tensor' but no tensor_parallel units; "
                                 "this layer has no column/row linear pairs, use strategy 'replicate'")
+            if layer.sequence_parallel and (layer.strategy != "tensor" or mesh.tp == 1):
+                raise PlanError(f"{source}: {where} has sequence_parallel but is not tensor-parallel on tp > 1")
+            if not previous_stage <= layer.stage <= previous_stage + 1:
+                raise PlanError(f"{source}: {where} is on stage {layer.stage} after a layer on stage "
+                                f"{previous_stage}; stages must be contiguous runs of the chain numbered "
+                                "0, 1, 2, ... in order")
+            previous_stage = layer.stage
+        if previous_stage != self.num_stages - 1:
+            raise PlanError(f"{source}: the layers use stages 0..{previous_stage}, but pp={mesh.pp} x "
+                            f"virtual_stages={pipe.virtual_stages} needs stages 0..{self.num_stages - 1}; "
+                            "give every stage at least one layer")
+
+    def _validate_pipeline(self, source: str) -> None:
+        mesh, pipe = self.mesh, self.pipeline
+        _check_choice(source, "pipeline.schedule", pipe.schedule, SCHEDULES)
+        if pipe.num_microbatches < 1 or pipe.virtual_stages < 1:
+            raise PlanError(f"{source}: pipeline.num_microbatches and pipeline.virtual_stages must be >= 1")
+        if (mesh.pp == 1) != (pipe.schedule == "none"):
+            raise PlanError(f"{source}: pipeline.schedule {pipe.schedule!r} does not fit pp={mesh.pp}: use "
+                            "'none' exactly when pp = 1, else gpipe, 1f1b or interleaved_1f1b")
+        if (pipe.virtual_stages > 1) != (pipe.schedule == "interleaved_1f1b"):
+            raise PlanError(f"{source}: pipeline.virtual_stages={pipe.virtual_stages} needs schedule "
+                            "'interleaved_1f1b' (and that schedule needs virtual_stages >= 2)")
+        if mesh.pp > 1 and pipe.num_microbatches < mesh.pp:
+            raise PlanError(f"{source}: pipeline.num_microbatches={pipe.num_microbatches} is less than "
+                            f"pp={mesh.pp}; a pipeline needs at least one micro-batch per stage")
+        if pipe.schedule == "interleaved_1f1b" and pipe.num_microbatches % mesh.pp:
+            raise PlanError(f"{source}: interleaved_1f1b needs num_microbatches ({pipe.num_microbatches}) to be "
+                            f"a multiple of pp={mesh.pp}")
+        per_step = mesh.dp * pipe.num_microbatches
+        if self.model.global_batch_size % per_step:
+            raise PlanError(f"{source}: global_batch_size {self.model.global_batch_size} is not divisible by "
+                            f"dp={mesh.dp} x num_microbatches={pipe.num_microbatches} = {per_step}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_plain(self), sort_keys=False, default_flow_style=None, width=100)
@@ -166,3 +291,8 @@ class Plan:
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan file: {err.strerror}") from err
         return cls.from_yaml(text, str(path))
+
+
+def _check_choice(source: str, field_name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PlanError(f"{source}: field '{field_name}' must be one of {list(allowed)}, got {value!r}")

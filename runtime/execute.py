@@ -22,7 +22,7 @@ from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.report import RunReport
-from runtime.train import run_rank
+from runtime.train import check_runtime_supports, run_rank
 
 
 def inside_torchrun() -> bool:
@@ -85,6 +85,7 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
     if inside_torchrun():
         return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet)
 
+    check_runtime_supports(plan)
     check_plan_matches_model(plan, plan_dir)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"

@@ -29,7 +29,8 @@ class RunReport:
 
     @classmethod
     def from_ranks(cls, plan, steps: int, ranks: list[RankResult]) -> RunReport:
-        return cls(world_size=plan.world_size, mesh={"dp": plan.mesh.dp, "tp": plan.mesh.tp}, steps=steps,
+        mesh = {"pp": plan.mesh.pp, "dp": plan.mesh.dp, "tp": plan.mesh.tp}
+        return cls(world_size=plan.world_size, mesh=mesh, steps=steps,
                    losses=ranks[0].losses, predicted_step_time_ms=plan.predicted.step_time_ms,
                    measured_step_time_ms=max(median_step_time_s(r) for r in ranks) * 1e3,
                    predicted_peak_memory_mib=plan.predicted.peak_memory_mib,

@@ -41,12 +41,32 @@ def device_for(plan: Plan) -> torch.device:
     return torch.device("cpu")
 
 
+def check_runtime_supports(plan: Plan) -> None:
+    """Refuse, before any rank builds anything, plan features this runtime cannot run yet."""
+    missing = []
+    if plan.mesh.pp > 1:
+        missing.append(f"pipeline parallelism (pp={plan.mesh.pp})")
+    if plan.data_parallel.kind != "zero3" or plan.data_parallel.replicate > 1 or plan.data_parallel.offload:
+        missing.append(f"data_parallel {plan.data_parallel}")
+    if plan.precision.param_dtype != "float32" or plan.precision.reduce_dtype != "float32":
+        missing.append(f"mixed precision {plan.precision}")
+    if plan.pipeline.num_microbatches > 1:
+        missing.append(f"gradient accumulation ({plan.pipeline.num_microbatches} micro-batches)")
+    for layer in plan.layers:
+        if layer.checkpoint != "none" or layer.offload_activations or layer.sequence_parallel:
+            missing.append(f"layer {layer.path}: checkpoint={layer.checkpoint}, offload_activations="
+                           f"{layer.offload_activations}, sequence_parallel={layer.sequence_parallel}")
+    if missing:
+        raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
+
+
 def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
     world = dist.get_world_size()
     if world != plan.world_size:
         raise PlanError(f"the plan is for world size {plan.world_size} but {world} ranks were started; "
                         f"launch with --nproc-per-node={plan.world_size} or re-plan for {world}")
-    return init_device_mesh(device.type, (plan.mesh.dp, plan.mesh.tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device.type, (plan.mesh.pp, plan.mesh.dp, plan.mesh.tp),
+                            mesh_dim_names=("pp", "dp", "tp"))
 
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
@@ -76,6 +96,7 @@ def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimiz
 
 def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult:
     """Run `steps` training steps of `plan` on this rank (process group already initialised)."""
+    check_runtime_supports(plan)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
     torch.manual_seed(plan.seed)

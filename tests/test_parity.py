@@ -55,10 +55,10 @@ def force_tensor_parallel(plan_obj):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("mesh", [(4, 1), (2, 2), (1, 4)], ids=["dp4", "dp2xtp2", "tp4"])
+@pytest.mark.parametrize("mesh", [(1, 4, 1), (1, 2, 2), (1, 1, 4)], ids=["dp4", "dp2xtp2", "tp4"])
 def test_gpt_matches_single_process(mesh, dtype, tmp_path):
     plan_obj = plan(GPT, "cpu", 4, mesh=mesh)
-    if mesh[1] > 1:
+    if mesh[2] > 1:
         plan_obj = force_tensor_parallel(plan_obj)
         assert sum(layer.strategy == "tensor" for layer in plan_obj.layers) == 4
     result = run_parity(plan_obj, tmp_path, dtype)

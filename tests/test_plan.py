@@ -41,10 +41,10 @@ def test_memory_forces_tensor_parallel():
     # the one with sharded blocks 3.6 MiB, so 6 MiB forces sharding and 2 GiB does not
     cluster = load_cluster("cpu").to_dict()
     slow = {**cluster, "intra_node": {"bandwidth_gb_per_s": 0.01, "latency_us": 10000}}
-    roomy = plan(GPT, type(load_cluster("cpu")).from_dict(slow), 4, mesh=(1, 4))
+    roomy = plan(GPT, type(load_cluster("cpu")).from_dict(slow), 4, mesh=(1, 1, 4))
     assert all(layer.strategy == "replicate" for layer in roomy.layers)
     tight = type(load_cluster("cpu")).from_dict({**slow, "device_memory_gib": 6 / 1024, "usable_memory_fraction": 1.0})
-    forced = plan(GPT, tight, 4, mesh=(1, 4))
+    forced = plan(GPT, tight, 4, mesh=(1, 1, 4))
     assert [layer.strategy for layer in forced.layers if layer.path.startswith("blocks.")] == ["tensor"] * 4
     assert forced.predicted.peak_memory_mib <= forced.predicted.memory_limit_mib < roomy.predicted.peak_memory_mib
 
@@ -72,6 +72,15 @@ def edit(gpt_plan, change) -> str:
     (lambda d: d["layers"][0].update(strategy="tensor"), "no tensor_parallel units"),
     (lambda d: d["model"].update(num_parameters=True), "model.num_parameters"),
     (lambda d: d.update(layers=[]), "layers' is empty"),
+    (lambda d: d["data_parallel"].update(kind="zero4"), "data_parallel.kind"),
+    (lambda d: d["data_parallel"].update(replicate=3), "data_parallel.replicate"),
+    (lambda d: d["data_parallel"].update(kind="ddp", offload=True), "offload needs kind 'zero3'"),
+    (lambda d: d["pipeline"].update(schedule="1f1b"), "does not fit pp=1"),
+    (lambda d: d["pipeline"].update(num_microbatches=3), "not divisible by"),
+    (lambda d: d["layers"][-1].update(stage=1), "needs stages 0..0"),
+    (lambda d: d["layers"][1].update(stage=2), "stages must be contiguous"),
+    (lambda d: d["layers"][0].update(checkpoint="some"), r"layers\[0\] \(wte\).checkpoint"),
+    (lambda d: d["precision"].update(param_dtype="int8"), "precision.param_dtype"),
 ])
 def test_broken_plans_name_the_field(gpt_plan, change, message):
     with pytest.raises(PlanError, match=message):
