@@ -1,0 +1,103 @@
+"""Run under torchrun: train pipeline plans with the runtime and, in the same process, an unsharded
+single-process reference from the same seed; write the largest differences (loss, gradients, parameters) per
+plan as JSON. Several plans for the same world size share one launch (start-up dominates the cost).
+
+    torchrun --nproc-per-node=N tests/pipeline_parity_worker.py out.json STEPS DTYPE plan1.yaml [plan2.yaml ...]
+
+Each rank holds only its stages' parameters, so every rank compares its own against the reference by FQN and
+the worst differences are gathered; the union of compared names must cover every reference parameter.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from parity_worker import full, rel_diff
+
+from planner.model_spec import load_model_spec
+from planner.plan import Plan
+from runtime.pipeline import build_pipeline, pipeline_train_step
+from runtime.train import build_mesh, device_for, local_batch
+
+
+def layer_of(plan: Plan, name: str) -> str:
+    return max((layer.path for layer in plan.layers if name.startswith(layer.path + ".")), key=len)
+
+
+def compare_plan(plan_path: str, steps: int) -> dict:
+    """Train `plan_path` and its reference for `steps` AdamW steps; worst differences over all ranks."""
+    plan = Plan.load(plan_path)
+    device = device_for(plan)
+    mesh = build_mesh(plan, device)
+    torch.manual_seed(plan.seed)
+    spec = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
+    torch.manual_seed(plan.seed)
+    reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
+    originals = {name: weakref.ref(p) for name, p in spec.model.named_parameters()}
+    parts = build_pipeline(plan, spec, mesh, device)
+    gc.collect()
+    local_layers = {layer.path for layer in plan.layers if layer.stage in parts.stage_ids}
+    kept_elsewhere = [name for name, ref in originals.items()
+                      if ref() is not None and layer_of(plan, name) not in local_layers]
+    opt = torch.optim.AdamW(parts.parameters(), lr=spec.learning_rate)
+    ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
+    ref_params = dict(reference.model.named_parameters())
+    dp_rank = mesh["dp"].get_local_rank()
+    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
+    where = {"grad": "", "param": ""}
+    losses = []
+    for step in range(steps):
+        inputs, targets = local_batch(spec, step, dp_rank, plan.mesh.dp, device)
+        loss = pipeline_train_step(parts, plan, inputs, targets, mesh)
+        dist.all_reduce(loss, group=mesh["dp"].get_group())
+        loss = loss.item() / plan.mesh.dp
+        ref_inputs, ref_targets = reference.make_batch(spec.global_batch_size, step)
+        ref_loss = reference.loss_fn(reference.model(*ref_inputs), ref_targets)
+        ref_loss.backward()
+        losses.append((loss, ref_loss.item()))
+        worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
+        for name, p in parts.named_parameters():
+            diff = rel_diff(full(p.grad), ref_params[name].grad)
+            if diff > worst["grad"]:
+                worst["grad"], where["grad"] = diff, f"{name} at step {step}"
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for name, p in parts.named_parameters():
+        diff = rel_diff(full(p.detach()), ref_params[name].detach())
+        if diff > worst["param"]:
+            worst["param"], where["param"] = diff, name
+    mine = {"worst": worst, "where": where, "losses": losses, "names": [n for n, _ in parts.named_parameters()],
+            "kept_elsewhere": kept_elsewhere}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    result = {"worst": {}, "where": {}, "losses": [r["losses"] for r in gathered],
+              "kept_elsewhere": sorted({n for r in gathered for n in r["kept_elsewhere"]}),
+              "missing": sorted(set(ref_params) - {n for r in gathered for n in r["names"]})}
+    for quantity in worst:
+        top = max(gathered, key=lambda r, q=quantity: r["worst"][q])
+        result["worst"][quantity] = top["worst"][quantity]
+        result["where"][quantity] = top["where"].get(quantity, "")
+    return result
+
+
+def main() -> None:
+    out_path, steps, dtype, plan_paths = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    torch.set_default_dtype(getattr(torch, dtype))
+    dist.init_process_group("gloo")
+    results = {Path(path).stem: compare_plan(path, steps) for path in plan_paths}
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
