@@ -2,10 +2,12 @@
 single-process reference from the same seed; write the largest differences (loss, gradients, parameters) per
 plan as JSON. Several plans for the same world size share one launch (start-up dominates the cost).
 
-    torchrun --nproc-per-node=N tests/pipeline_parity_worker.py out.json STEPS DTYPE plan1.yaml [plan2.yaml ...]
+    torchrun --nproc-per-node=N tests/pipeline_parity_worker.py out.json STEPS DTYPE:plan1.yaml [DTYPE:plan2.yaml ...]
 
 Each rank holds only its stages' parameters, so every rank compares its own against the reference by FQN and
-the worst differences are gathered; the union of compared names must cover every reference parameter.
+the worst differences are gathered; the union of compared names must cover every reference parameter. Also
+reported: parameters of other stages still alive on a rank (must be none), and parameters whose tensor-parallel
+sharding differs from what the plan's `tensor` layers ask for (must be none).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from parity_worker import full, rel_diff
+from torch.distributed.tensor import DTensor
 
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
@@ -28,6 +31,26 @@ from runtime.train import build_mesh, device_for, local_batch
 
 def layer_of(plan: Plan, name: str) -> str:
     return max((layer.path for layer in plan.layers if name.startswith(layer.path + ".")), key=len)
+
+
+def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
+    """Parameters the plan shards over tp: colwise weights and biases, rowwise weights of `tensor` layers."""
+    if plan.mesh.tp == 1:
+        return set()
+    wanted = set()
+    for layer in plan.layers:
+        if layer.strategy == "tensor":
+            for unit in layer.tensor_parallel:
+                for col in unit.colwise:
+                    wanted |= {f"{layer.path}.{col}.weight", f"{layer.path}.{col}.bias"}
+                wanted.add(f"{layer.path}.{unit.rowwise}.weight")
+    return wanted & names
+
+
+def is_tp_sharded(p: torch.Tensor) -> bool:
+    if not isinstance(p, DTensor) or "tp" not in (p.device_mesh.mesh_dim_names or ()):
+        return False
+    return p.placements[p.device_mesh.mesh_dim_names.index("tp")].is_shard()
 
 
 def compare_plan(plan_path: str, steps: int) -> dict:
@@ -45,6 +68,9 @@ def compare_plan(plan_path: str, steps: int) -> dict:
     local_layers = {layer.path for layer in plan.layers if layer.stage in parts.stage_ids}
     kept_elsewhere = [name for name, ref in originals.items()
                       if ref() is not None and layer_of(plan, name) not in local_layers]
+    names = {name for name, _ in parts.named_parameters()}
+    tp_sharded = {n for n, p in parts.named_parameters() if is_tp_sharded(p)}
+    tp_mismatch = sorted(tp_sharded_names(plan, names) ^ tp_sharded)
     opt = torch.optim.AdamW(parts.parameters(), lr=spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     ref_params = dict(reference.model.named_parameters())
@@ -75,11 +101,14 @@ def compare_plan(plan_path: str, steps: int) -> dict:
         if diff > worst["param"]:
             worst["param"], where["param"] = diff, name
     mine = {"worst": worst, "where": where, "losses": losses, "names": [n for n, _ in parts.named_parameters()],
-            "kept_elsewhere": kept_elsewhere}
+            "kept_elsewhere": kept_elsewhere, "tp_mismatch": tp_mismatch,
+            "tp_sharded": sorted(tp_sharded)}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     result = {"worst": {}, "where": {}, "losses": [r["losses"] for r in gathered],
               "kept_elsewhere": sorted({n for r in gathered for n in r["kept_elsewhere"]}),
+              "tp_mismatch": sorted({n for r in gathered for n in r["tp_mismatch"]}),
+              "tp_sharded": len({n for r in gathered for n in r["tp_sharded"]}),
               "missing": sorted(set(ref_params) - {n for r in gathered for n in r["names"]})}
     for quantity in worst:
         top = max(gathered, key=lambda r, q=quantity: r["worst"][q])
@@ -89,10 +118,12 @@ def compare_plan(plan_path: str, steps: int) -> dict:
 
 
 def main() -> None:
-    out_path, steps, dtype, plan_paths = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-    torch.set_default_dtype(getattr(torch, dtype))
+    out_path, steps, runs = sys.argv[1], int(sys.argv[2]), [arg.split(":", 1) for arg in sys.argv[3:]]
     dist.init_process_group("gloo")
-    results = {Path(path).stem: compare_plan(path, steps) for path in plan_paths}
+    results = {}
+    for dtype, path in runs:
+        torch.set_default_dtype(getattr(torch, dtype))
+        results[f"{Path(path).stem}-{dtype}"] = compare_plan(path, steps)
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.barrier()  # no rank tears gloo down while a peer still talks to it

@@ -53,58 +53,60 @@ def pipeline_plan(model: str, pp: int, dp: int, tp: int, schedule: str, num_micr
     return result
 
 
-def run_pipeline_parity(plans: dict[str, Plan], tmp_path: Path, dtype: str) -> dict:
-    world_sizes = {p.world_size for p in plans.values()}
+def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> dict:
+    """Launch one torchrun over `runs` (name -> (plan, dtype)); returns the worker's results by name."""
+    world_sizes = {plan_obj.world_size for plan_obj, _ in runs.values()}
     assert len(world_sizes) == 1, world_sizes
-    files = []
-    for name, plan_obj in plans.items():
-        files.append(tmp_path / f"{name}.yaml")
-        plan_obj.save(files[-1])
+    args = []
+    for name, (plan_obj, dtype) in runs.items():
+        plan_obj.save(tmp_path / f"{name}.yaml")
+        args.append(f"{dtype}:{tmp_path / name}.yaml")
     out = tmp_path / "parity.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={world_sizes.pop()}", str(ROOT / "tests" / "pipeline_parity_worker.py"),
-               str(out), str(STEPS), dtype, *map(str, files)]
+               str(out), str(STEPS), *args]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
-    return json.loads(out.read_text())
+    return {name.rsplit("-", 1)[0]: result for name, result in json.loads(out.read_text()).items()}
 
 
-def check(result: dict, dtype: str) -> None:
+def check(result: dict, dtype: str, tp: int) -> None:
     assert not result["missing"], f"no rank holds {result['missing']}"
+    # GPT's 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias, mlp.proj.weight
+    assert result["tp_sharded"] == (28 if tp > 1 else 0), result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
+    assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
     for quantity, tolerance in TOLERANCE[dtype].items():
         assert result["worst"][quantity] < tolerance, (quantity, result)
 
 
-WORLD_2 = {
-    "pp2_1f1b": dict(pp=2, dp=1, tp=1, schedule="1f1b", num_microbatches=4, stage_starts=TWO_STAGES),
-    "pp2_gpipe": dict(pp=2, dp=1, tp=1, schedule="gpipe", num_microbatches=2, stage_starts=TWO_STAGES),
-    "pp2_interleaved": dict(pp=2, dp=1, tp=1, schedule="interleaved_1f1b", num_microbatches=4,
-                            stage_starts=FOUR_STAGES),
-}
-WORLD_4 = {
-    "pp2xtp2_1f1b": dict(pp=2, dp=1, tp=2, schedule="1f1b", num_microbatches=2, stage_starts=TWO_STAGES),
-    "pp2xdp2_1f1b": dict(pp=2, dp=2, tp=1, schedule="1f1b", num_microbatches=2, stage_starts=TWO_STAGES),
+# name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype); one launch per world size
+CONFIGS = {
+    2: {"pp2_1f1b": (2, 1, 1, "1f1b", 4, TWO_STAGES, "float64"),
+        "pp2_gpipe": (2, 1, 1, "gpipe", 2, TWO_STAGES, "float64"),
+        "pp2_interleaved": (2, 1, 1, "interleaved_1f1b", 4, FOUR_STAGES, "float64"),
+        "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
+    4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
+    8: {"pp2xdp2xtp2_1f1b": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
 }
 
 
 @pytest.fixture(scope="module")
-def world_2_results(tmp_path_factory):
-    plans = {name: pipeline_plan(GPT, **config) for name, config in WORLD_2.items()}
-    return run_pipeline_parity(plans, tmp_path_factory.mktemp("pp_world2"), "float64")
+def results(tmp_path_factory):
+    """Runs each world size's launch on first use; cached for the module."""
+    done: dict[int, dict] = {}
+
+    def get(world_size: int) -> dict:
+        if world_size not in done:
+            runs = {name: (pipeline_plan(GPT, *config[:6]), config[6]) for name, config in CONFIGS[world_size].items()}
+            done[world_size] = run_pipeline_parity(runs, tmp_path_factory.mktemp(f"pp_world{world_size}"))
+        return done[world_size]
+
+    return get
 
 
-@pytest.fixture(scope="module")
-def world_4_results(tmp_path_factory):
-    plans = {name: pipeline_plan(GPT, **config) for name, config in WORLD_4.items()}
-    return run_pipeline_parity(plans, tmp_path_factory.mktemp("pp_world4"), "float64")
-
-
-@pytest.mark.parametrize("name", list(WORLD_2))
-def test_pipeline_on_two_ranks_matches_single_process(name, world_2_results):
-    check(world_2_results[name], "float64")
-
-
-@pytest.mark.parametrize("name", list(WORLD_4))
-def test_pipeline_with_tp_or_dp_matches_single_process(name, world_4_results):
-    check(world_4_results[name], "float64")
+@pytest.mark.parametrize(("world_size", "name"), [(w, n) for w, configs in CONFIGS.items() for n in configs])
+def test_pipeline_matches_single_process(world_size, name, results):
+    config = CONFIGS[world_size][name]
+    check(results(world_size)[name], dtype=config[6], tp=config[2])
