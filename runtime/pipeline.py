@@ -117,29 +117,37 @@ def trace_pipeline(plan: Plan, spec: ModelSpec):
         raise PlanError(f"pipeline: torch.export could not trace the model for splitting at {list(split_spec)} "
                         f"({type(err).__name__}: {err}); pipeline plans need a forward torch.export can capture "
                         "(see the cause above), or set mesh.pp to 1") from err
-    if pipe.num_stages != plan.num_stages:
-        raise PlanError(f"pipeline: cutting before {list(split_spec)} gave {pipe.num_stages} stages, the plan has "
-                        f"{plan.num_stages}: a layer whose forward runs more than once (or not at all) cannot "
-                        "start a stage; move the layers' 'stage' boundary to a layer that runs once")
+    try:
+        if pipe.num_stages != plan.num_stages:
+            raise AttributeError(f"{pipe.num_stages} stages")
+        for stage in range(plan.num_stages):
+            pipe.get_stage_module(stage)
+    except AttributeError as err:  # an empty stage has no module
+        raise PlanError(f"pipeline: cutting before {list(split_spec)} did not give the plan's {plan.num_stages} "
+                        f"non-empty stages (got {[name for name, _ in pipe.split_gm.named_children()]}): a layer "
+                        "that runs more than once, or first of all, cannot start a stage; move the layers' "
+                        "'stage' boundary to a layer that runs once, after the first") from err
     check_stage_parameters(plan, pipe)
     return pipe
 
 
 def check_stage_parameters(plan: Plan, pipe) -> None:
     """Every parameter must land in exactly one stage, the one the plan puts its layer on."""
-    stage_of_layer = {layer.path: layer.stage for layer in plan.layers}
     owner: dict[str, int] = {}
     for stage in range(pipe.num_stages):
         for name, _ in pipe.get_stage_module(stage).named_parameters():
             if name in owner:
                 raise PlanError(f"pipeline: parameter {name} is used on stages {owner[name]} and {stage} (a tied "
-                                "weight?); put the layers that share it on the same stage")
+                                "weight, or a layer that runs on both); put the layers that use it on the same "
+                                "stage")
             owner[name] = stage
-            layer = max((p for p in stage_of_layer if name.startswith(p + ".") or not p), key=len, default=None)
-            if layer is not None and stage_of_layer[layer] != stage:
-                raise PlanError(f"pipeline: parameter {name} of layer {layer} is used on stage {stage}, but the "
-                                f"plan puts {layer} on stage {stage_of_layer[layer]}; move the stage boundary so "
-                                "the layer sits with the code that uses its parameters")
+    stage_of_layer = {layer.path: layer.stage for layer in plan.layers}
+    for name, stage in owner.items():
+        layer = max((p for p in stage_of_layer if name.startswith(p + ".") or not p), key=len, default=None)
+        if layer is not None and stage_of_layer[layer] != stage:
+            raise PlanError(f"pipeline: parameter {name} of layer {layer} is used on stage {stage}, but the plan "
+                            f"puts {layer} on stage {stage_of_layer[layer]}; move the stage boundary so the layer "
+                            "sits with the code that uses its parameters")
 
 
 def _release_other_stages(pipe, keep: list[int]) -> None:
