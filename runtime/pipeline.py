@@ -151,9 +151,14 @@ def check_stage_parameters(plan: Plan, pipe) -> None:
 
 
 def _release_other_stages(pipe, keep: list[int]) -> None:
-    """Drop the modules (and with them the parameters) of stages this rank does not run."""
-    for stage, (name, _) in enumerate(list(pipe.split_gm.named_children())):
-        if stage not in keep:
+    """Drop the modules (and with them the parameters) of stages this rank does not run.
+
+    The stages built from `pipe` keep its split graph, and with it every stage module, alive; emptying the
+    others' slots there is what frees them.
+    """
+    drop = {id(pipe.get_stage_module(stage)) for stage in range(pipe.num_stages) if stage not in keep}
+    for name, module in list(pipe.split_gm.named_children()):
+        if id(module) in drop:
             pipe.split_gm.register_module(name, nn.Module())
     gc.collect()
 
