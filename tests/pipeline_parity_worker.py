@@ -102,13 +102,14 @@ def compare_plan(plan_path: str, steps: int) -> dict:
             worst["param"], where["param"] = diff, name
     mine = {"worst": worst, "where": where, "losses": losses, "names": [n for n, _ in parts.named_parameters()],
             "kept_elsewhere": kept_elsewhere, "tp_mismatch": tp_mismatch,
-            "tp_sharded": sorted(tp_sharded)}
+            "tp_sharded": sorted(tp_sharded), "stage_ids": parts.stage_ids}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     result = {"worst": {}, "where": {}, "losses": [r["losses"] for r in gathered],
               "kept_elsewhere": sorted({n for r in gathered for n in r["kept_elsewhere"]}),
               "tp_mismatch": sorted({n for r in gathered for n in r["tp_mismatch"]}),
               "tp_sharded": len({n for r in gathered for n in r["tp_sharded"]}),
+              "stage_ids": [r["stage_ids"] for r in gathered],
               "missing": sorted(set(ref_params) - {n for r in gathered for n in r["names"]})}
     for quantity in worst:
         top = max(gathered, key=lambda r, q=quantity: r["worst"][q])

@@ -81,8 +81,10 @@ def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> di
     return {name.rsplit("-", 1)[0]: result for name, result in json.loads(out.read_text()).items()}
 
 
-def check(result: dict, dtype: str, tp: int) -> None:
+def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) -> None:
     assert not result["missing"], f"no rank holds {result['missing']}"
+    # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
+    assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
     # GPT's 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias, mlp.proj.weight
     assert result["tp_sharded"] == (28 if tp > 1 else 0), result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
@@ -99,7 +101,7 @@ CONFIGS = {
         "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
     4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
-    8: {"pp2xdp2xtp2_1f1b": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
+    8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
 }
 
 
@@ -120,7 +122,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize(("world_size", "name"), [(w, n) for w, configs in CONFIGS.items() for n in configs])
 def test_pipeline_matches_single_process(world_size, name, results):
     config = CONFIGS[world_size][name]
-    check(results(world_size)[name], dtype=config[6], tp=config[2])
+    check(results(world_size)[name], dtype=config[6], pp=config[0], dp=config[1], tp=config[2],
+          num_stages=len(config[5]) + 1)
 
 
 def test_execute_runs_a_pipeline_plan_end_to_end():
