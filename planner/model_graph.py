@@ -44,6 +44,13 @@ class LayerFacts:
     bwd_bytes: float = 0.0
     saved_bytes: int = 0
     """Bytes autograd keeps from forward to backward (activations), counted once per storage."""
+    matmul_saved_bytes: int = 0
+    """The part of saved_bytes produced by matmul-class ops: what selective checkpointing keeps."""
+    input_bytes: int = 0
+    """Activations entering the layer from earlier layers or the batch: what full checkpointing keeps, and
+    what a pipeline sends when a stage starts at this layer."""
+    fwd_matmul_flops: float = 0.0
+    """Forward FLOPs of matmul-class ops (selective checkpointing recomputes everything else)."""
     tp_units: list[TensorParallelUnit] = field(default_factory=list)
     tp_num_params: int = 0
     """Parameters inside tensor-parallel units (sharded by tp)."""
@@ -52,6 +59,7 @@ class LayerFacts:
     tp_fwd_bytes: float = 0.0
     tp_bwd_bytes: float = 0.0
     tp_saved_bytes: int = 0
+    tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
 
@@ -169,17 +177,21 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             tp_region[name] = True
     seen_storages = set(param_storages)
     backward_users = {n.name for n in nodes if captured.phase[n.name] == "backward"}
+    counted_inputs: set[tuple[str, str]] = set()
+    made_by_matmul = _storages_made_by_matmuls(nodes)
     for node in nodes:
         layer = facts[layer_of_node[node.name]]
         val = node.meta.get("val")
         phase = captured.phase[node.name]
         in_tp = tp_region.get(node.name, False)
         flops = _node_flops(node) if node.op == "call_function" else 0.0
-        is_mm = isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket.__name__ in _MATMUL_OPS
+        is_mm = _is_matmul(node)
         moved = 0.0
         if node.op == "call_function" and not is_mm and not _is_view(node):
             moved = float(_nbytes(val) + sum(_nbytes(i.meta.get("val")) for i in node.all_input_nodes))
-        saved = 0
+        saved = matmul_saved = 0
+        if phase == "forward" and node.op == "call_function":
+            _count_layer_inputs(node, layer_of_node, captured.param_names, layer, counted_inputs)
         if phase == "forward" and node.name not in captured.param_names and any(
                 u.name in backward_users for u in node.users):
             for t in _tensors(val):
@@ -187,6 +199,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
                 if key not in seen_storages:
                     seen_storages.add(key)
                     saved += t.untyped_storage().nbytes()
+                    matmul_saved += t.untyped_storage().nbytes() if key in made_by_matmul else 0
         graph.nodes[node.name].update(
             module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
             output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
@@ -195,10 +208,14 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             layer.fwd_flops += flops
             layer.fwd_bytes += moved
             layer.saved_bytes += saved
+            layer.matmul_saved_bytes += matmul_saved
+            if is_mm:
+                layer.fwd_matmul_flops += flops
             if in_tp:
                 layer.tp_fwd_flops += flops
                 layer.tp_fwd_bytes += moved
                 layer.tp_saved_bytes += saved
+                layer.tp_matmul_saved_bytes += matmul_saved
         else:
             layer.bwd_flops += flops
             layer.bwd_bytes += moved
@@ -211,6 +228,31 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
     num_params = sum(p.numel() for p in params.values())
     return ModelGraph(graph=graph, layers=[facts[p] for p in chain], sample_batch_size=sample_batch_size,
                       fingerprint=fingerprint, num_params=num_params)
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket.__name__ in _MATMUL_OPS
+
+
+def _storages_made_by_matmuls(nodes: list[torch.fx.Node]) -> set:
+    """Storage keys first written by a matmul-class op (views of them share the key)."""
+    producer_is_matmul: dict = {}
+    for node in nodes:
+        if node.op == "call_function" and not _is_view(node):
+            for t in _tensors(node.meta.get("val")):
+                producer_is_matmul.setdefault(_storage_key(t), _is_matmul(node))
+    return {key for key, is_mm in producer_is_matmul.items() if is_mm}
+
+
+def _count_layer_inputs(node: torch.fx.Node, layer_of_node: dict[str, str], param_names: dict[str, str],
+                        layer: LayerFacts, counted: set[tuple[str, str]]) -> None:
+    """Add to layer.input_bytes each non-parameter value `node` reads that another layer (or the batch) made."""
+    for inp in node.all_input_nodes:
+        if inp.name in param_names or layer_of_node.get(inp.name) == layer.path and inp.op != "placeholder":
+            continue
+        if (layer.path, inp.name) not in counted:
+            counted.add((layer.path, inp.name))
+            layer.input_bytes += _nbytes(inp.meta.get("val"))
 
 
 def _assign_layers(nodes: list[torch.fx.Node], captured: CapturedStep, chain: list[str]) -> dict[str, str]:
