@@ -188,12 +188,16 @@ class ConfigPricer:
         in_flight = [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
                                             config.virtual_stages) for s in range(config.num_stages)]
         prefix, first = self.prefix, self.first_of_kind
+        p2p = [self.p2p_s(config, start) for start in range(len(self.layers))]
+        memo: dict[tuple[float, int, int], float] = {}
 
         def segment_cost(stage: int, start: int, end: int) -> float:
             f = in_flight[stage]
-            groups = [(hull(first[k], f), prefix[k][end] - prefix[k][start]) for k in self.kind_order]
-            time = fractional_fit_time_s([g for g in groups if g[1]], stage_budget)
-            return time + self.p2p_s(config, start)
+            key = (f, start, end)
+            if key not in memo:
+                groups = [(hull(first[k], f), prefix[k][end] - prefix[k][start]) for k in self.kind_order]
+                memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
+            return memo[key]
 
         found = partition_chain(len(self.layers), config.num_stages, segment_cost)
         if found is None:

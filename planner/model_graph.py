@@ -9,6 +9,7 @@ Identical layers (same class, parameter shapes and op sequence) share a `kind`, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry
 
 from planner.capture import CapturedStep, capture_training_step
-from planner.layer_chain import find_layer_chain
+from planner.layer_chain import find_layer_chain, repeated_stack_path
 from planner.model_spec import ModelSpec
 from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
 
@@ -120,10 +121,67 @@ def _storage_key(tensor: torch.Tensor):
 
 
 def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> ModelGraph:
-    """Capture `spec`'s training step on fake tensors and summarise it per layer."""
+    """Capture `spec`'s training step on fake tensors and summarise it per layer.
+
+    A deep stack of identical blocks (96 in GPT-3) is traced with only its first two blocks: tracing cost
+    grows with depth, while every later block is the same kind as the second and gets a copy of its facts.
+    When the shortened model does not trace (its forward needs every block), the full model is traced.
+    """
     batch = sample_batch_size or spec.global_batch_size
+    stack = _identical_stack(spec.model)
+    if stack is not None:
+        parent, name, container = stack
+        setattr(parent, name, type(container)(list(container.children())[:2]))
+        try:
+            captured = capture_training_step(spec, batch)
+            short = model_graph_from_capture(spec.model, captured, batch)
+        except Exception:
+            short = None
+        finally:
+            setattr(parent, name, container)
+        if short is not None:
+            return _deepen(spec.model, short, container)
     captured = capture_training_step(spec, batch)
     return model_graph_from_capture(spec.model, captured, batch)
+
+
+def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(parent, attribute, container) of the repeated stack when it has >= 3 structurally identical blocks."""
+    path = repeated_stack_path(model)
+    if not path:
+        return None
+    container = model.get_submodule(path)
+    blocks = list(container.children())
+    if len(blocks) < 3 or len(blocks) != len(container):
+        return None
+
+    def signature(block: nn.Module) -> list:
+        return [type(block)] + [(n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()] + [
+            (n, type(m)) for n, m in block.named_modules()]
+
+    first = signature(blocks[0])
+    if any(signature(b) != first for b in blocks[1:]):
+        return None
+    parent_path, _, name = path.rpartition(".")
+    return model.get_submodule(parent_path) if parent_path else model, name, container
+
+
+def _deepen(model: nn.Module, short: ModelGraph, container: nn.Module) -> ModelGraph:
+    """The full model's graph from one traced with two blocks: blocks 2.. copy block 1's facts."""
+    prefix = next(p for p, m in model.named_modules() if m is container)
+    names = [n for n, _ in container.named_children()]
+    second = f"{prefix}.{names[1]}"
+    layers = []
+    for layer in short.layers:
+        layers.append(layer)
+        if layer.path == second:
+            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[2:])
+    digest = hashlib.sha256(short.fingerprint.encode())
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
+    return ModelGraph(graph=short.graph, layers=layers, sample_batch_size=short.sample_batch_size,
+                      fingerprint="sha256:" + digest.hexdigest()[:16],
+                      num_params=sum(p.numel() for p in model.parameters()))
 
 
 def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_batch_size: int) -> ModelGraph:

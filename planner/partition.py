@@ -42,7 +42,7 @@ def stage_costs(starts: list[int], num_layers: int, segment_cost: SegmentCost) -
 
 
 def partition_chain(num_layers: int, num_stages: int, segment_cost: SegmentCost,
-                    rel_tolerance: float = 1e-6) -> tuple[list[int], float] | None:
+                    rel_tolerance: float = 1e-4) -> tuple[list[int], float] | None:
     """(stage start indices, bottleneck cost) minimising the most expensive stage; None if nothing fits."""
     if num_stages < 1 or num_stages > num_layers:
         return None

@@ -21,6 +21,7 @@ from torch import nn
 
 from costmodel import Cluster
 from planner.config_space import ParallelConfig, enumerate_configs
+from planner.data_parallel_costs import rank_state_bytes
 from planner.evaluate_config import ConfigPricer, ConfigResult
 from planner.model_graph import ModelGraph
 from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
@@ -54,6 +55,13 @@ class SearchResult:
 def lower_bound_s(pricer: ConfigPricer, config: ParallelConfig) -> float:
     factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
     return factor * pricer.min_micro_time_s(config.tp, config.micro_batch_size, config.param_dtype) / config.pp
+
+
+def states_fit(graph: ModelGraph, cluster: Cluster, config: ParallelConfig) -> bool:
+    """Cheap necessary condition: model states alone, as if every parameter were sharded by tp and spread evenly
+    over pp stages, fit in device memory."""
+    local = graph.num_params // (config.tp * config.pp)
+    return rank_state_bytes(local, config.data_parallel_setup()).total_bytes <= cluster.usable_memory_bytes
 
 
 def least_memory_bytes(pricer: ConfigPricer, config: ParallelConfig) -> int:
@@ -115,6 +123,8 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
         config = configs[index]
         if best is not None and lower_bound_s(pricer, config) >= best.step_time_s:
             break
+        if not states_fit(graph, cluster, config):
+            continue
         screened = pricer.screen(config)
         screened_count += 1
         if not screened.feasible:
