@@ -98,6 +98,7 @@ class ConfigPricer:
         self._micro: dict[tuple, list[tuple[LayerOption, OptionCost]]] = {}
         self._tp_ok: dict[tuple[str, int], bool] = {}
         self._priced: dict[tuple[str, ParallelConfig], list[PricedOption]] = {}
+        self._min_micro: dict[tuple[int, int, str], float] = {}
         self.kinds = [layer.kind for layer in self.layers]
         self.kind_order = list(dict.fromkeys(self.kinds))
         # prefix[k][i] = layers of kind k among the first i layers: segment kind counts in O(kinds)
@@ -123,8 +124,11 @@ class ConfigPricer:
 
     def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
         """Sum over layers of their fastest time per micro-batch: the base of a configuration's lower bound."""
-        return sum(min(c.time_s for _, c in self.micro_options(i, tp, micro_batch_size, param_dtype))
-                   for i in range(len(self.layers)))
+        key = (tp, micro_batch_size, param_dtype)
+        if key not in self._min_micro:
+            self._min_micro[key] = sum(min(c.time_s for _, c in self.micro_options(i, *key))
+                                       for i in range(len(self.layers)))
+        return self._min_micro[key]
 
     def priced_options(self, index: int, config: ParallelConfig) -> list[PricedOption]:
         key = (self.kinds[index], config)
@@ -210,28 +214,19 @@ class ConfigPricer:
 
     # ---- exact solve --------------------------------------------------------------------------------
     def solve(self, screened: ConfigResult) -> ConfigResult:
-        """Exact per-rank ILP on the screened cut; fills choice, step time, breakdown and memory."""
-        config = screened.config
+        """Exact per-rank ILP on the screened cut; then predict() the result."""
+        config, starts = screened.config, screened.stage_starts
         n = len(self.layers)
         tables = [self.priced_options(i, config) for i in range(n)]
         budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
-        starts = screened.stage_starts
-        ends = starts[1:] + [n]
-        stage_of = [0] * n
-        for stage, (s, e) in enumerate(zip(starts, ends, strict=False)):
-            for i in range(s, e):
-                stage_of[i] = stage
-        factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
-        in_flight = [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
-                                            config.virtual_stages) for s in range(config.num_stages)]
+        stage_of = stages_of_layers(starts, n)
+        in_flight = self.in_flight(config)
         choice: list[PricedOption | None] = [None] * n
-        worst: tuple[float, int] = (-1.0, 0)
-        rank_totals = {}
         for rank in range(config.pp):
-            members = [i for i in range(n) if stage_of[i] % config.pp == rank]
             groups: dict[str, list[int]] = {}
-            for i in members:
-                groups.setdefault(f"{self.layers[i].kind}@{in_flight[stage_of[i]]}", []).append(i)
+            for i in range(n):
+                if stage_of[i] % config.pp == rank:
+                    groups.setdefault(f"{self.layers[i].kind}@{in_flight[stage_of[i]]}", []).append(i)
             options = {g: {p.option.label: Option(p.unit_time_s, p.state_bytes + in_flight[stage_of[idx[0]]] *
                                                   p.micro.activation_bytes) for p in tables[idx[0]]}
                        for g, idx in groups.items()}
@@ -243,41 +238,62 @@ class ConfigPricer:
                 # leanest options go to the earliest layers of the group: any order is equally good
                 labels = sorted(counts[g], key=lambda lab: options[g][lab].memory_bytes)
                 queue = [lab for lab in labels for _ in range(counts[g][lab])]
-                for i, label in zip(idx, queue, strict=False):
+                for i, label in zip(idx, queue, strict=True):
                     choice[i] = by_label[label]
-            micro_s = sum(choice[i].micro.time_s for i in members) + sum(
-                self.p2p_s(config, s) for stage, s in enumerate(starts) if stage % config.pp == rank)
-            step_s = sum(choice[i].step_communication_s + choice[i].optimizer_s + choice[i].state_offload_s
-                         for i in members)
-            total = factor * micro_s + step_s
-            rank_totals[rank] = (total, micro_s, members)
-            if total > worst[0]:
-                worst = (total, rank)
-        total, micro_s, members = rank_totals[worst[1]]
+        return self.predict(config, starts, choice)
+
+    def in_flight(self, config: ParallelConfig) -> list[float]:
+        return [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
+                                       config.virtual_stages) for s in range(config.num_stages)]
+
+    def predict(self, config: ParallelConfig, starts: list[int], choice: list[PricedOption]) -> ConfigResult:
+        """Step time (slowest rank), its breakdown, and the peak memory (fullest rank) of a complete assignment.
+
+        The result is infeasible (infinite time) when some rank exceeds the device's usable memory.
+        """
+        n = len(self.layers)
+        tables = [self.priced_options(i, config) for i in range(n)]
         reserve = self.reserve_bytes(config, tables)
+        stage_of = stages_of_layers(starts, n)
+        in_flight = self.in_flight(config)
+        factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+        m = config.num_microbatches
+        slowest: tuple[float, dict[str, float]] = (-1.0, {})
         peak, memory = 0, {}
         for rank in range(config.pp):
-            ms = rank_totals[rank][2]
-            acts = int(sum(in_flight[stage_of[i]] * choice[i].micro.activation_bytes for i in ms))
-            parts = {"parameters": sum(choice[i].parameters_bytes for i in ms),
-                     "gradients": sum(choice[i].gradients_bytes for i in ms),
-                     "optimizer_states": sum(choice[i].optimizer_states_bytes for i in ms),
-                     "activations": acts, "buffers": reserve}
+            members = [choice[i] for i in range(n) if stage_of[i] % config.pp == rank]
+            p2p_s = sum(self.p2p_s(config, s) for stage, s in enumerate(starts) if stage % config.pp == rank)
+            micro_s = sum(c.micro.time_s for c in members) + p2p_s
+            total = factor * micro_s + sum(c.step_communication_s + c.optimizer_s + c.state_offload_s
+                                           for c in members)
+            if total > slowest[0]:
+                slowest = (total, {
+                    "compute_s": m * sum(c.micro.compute_s + c.micro.recompute_s for c in members),
+                    "recompute_s": m * sum(c.micro.recompute_s for c in members),
+                    "communication_s": m * (sum(c.micro.tp_communication_s + c.micro.offload_s for c in members)
+                                            + p2p_s)
+                    + sum(c.step_communication_s + c.state_offload_s for c in members),
+                    "optimizer_s": sum(c.optimizer_s for c in members),
+                    "bubble_s": (factor - m) * micro_s})
+            activations = sum(in_flight[stage_of[i]] * choice[i].micro.activation_bytes
+                              for i in range(n) if stage_of[i] % config.pp == rank)
+            parts = {"parameters": sum(c.parameters_bytes for c in members),
+                     "gradients": sum(c.gradients_bytes for c in members),
+                     "optimizer_states": sum(c.optimizer_states_bytes for c in members),
+                     "activations": int(activations), "buffers": reserve}
             if sum(parts.values()) > peak:
                 peak, memory = sum(parts.values()), parts
-        m = config.num_microbatches
-        breakdown = {
-            "compute_s": m * sum(choice[i].micro.compute_s + choice[i].micro.recompute_s for i in members),
-            "recompute_s": m * sum(choice[i].micro.recompute_s for i in members),
-            "communication_s": m * sum(choice[i].micro.tp_communication_s + choice[i].micro.offload_s
-                                       for i in members)
-            + sum(choice[i].step_communication_s + choice[i].state_offload_s for i in members)
-            + m * (micro_s - sum(choice[i].micro.time_s for i in members)),
-            "optimizer_s": sum(choice[i].optimizer_s for i in members),
-            "bubble_s": (factor - m) * micro_s,
-        }
-        return ConfigResult(config, total, starts, choice=list(choice), peak_memory_bytes=peak,
-                            breakdown_s=breakdown, memory_bytes=memory)
+        step = slowest[0] if peak <= self.cluster.usable_memory_bytes * (1 + 1e-9) else math.inf
+        return ConfigResult(config, step, starts, choice=list(choice), peak_memory_bytes=peak,
+                            breakdown_s=slowest[1], memory_bytes=memory)
+
+
+def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
+    """Stage index of every layer from the stages' first layers."""
+    stage_of = [0] * num_layers
+    for stage, (s, e) in enumerate(zip(starts, starts[1:] + [num_layers], strict=True)):
+        stage_of[s:e] = [stage] * (e - s)
+    return stage_of
 
 
 def _optimizer_bytes(param_dtype: str) -> float:
