@@ -80,6 +80,8 @@ class ConfigResult:
     step_time_s: float
     stage_starts: list[int]
     choice: list[PricedOption] | None = None
+    other_stage_starts: list[list[int]] = field(default_factory=list)
+    """Other pipeline cuts worth solving exactly (the screening's runner-up)."""
     peak_memory_bytes: int = 0
     breakdown_s: dict[str, float] = field(default_factory=dict)
     memory_bytes: dict[str, int] = field(default_factory=dict)
@@ -203,19 +205,33 @@ class ConfigPricer:
                 memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
             return memo[key]
 
+        # the bottleneck cut balances stages; with virtual stages a rank runs several, and the even cut can
+        # balance ranks better, so both are candidates
+        cuts = [even_stage_starts(len(self.layers), config.num_stages)]
         found = partition_chain(len(self.layers), config.num_stages, segment_cost)
-        if found is None:
-            return ConfigResult(config, math.inf, [])
-        starts, _ = found
-        costs = stage_costs(starts, len(self.layers), segment_cost)
-        rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
+        if found is not None and found[0] != cuts[0]:
+            cuts.insert(0, found[0])
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
-        return ConfigResult(config, factor * max(rank_time), starts)
+        priced = []
+        for starts in cuts:
+            costs = stage_costs(starts, len(self.layers), segment_cost)
+            rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
+            priced.append((factor * max(rank_time), starts))
+        priced = [p for p in priced if math.isfinite(p[0])]
+        if not priced:
+            return ConfigResult(config, math.inf, [])
+        priced.sort(key=lambda p: p[0])
+        return ConfigResult(config, priced[0][0], priced[0][1], other_stage_starts=[p[1] for p in priced[1:]])
 
     # ---- exact solve --------------------------------------------------------------------------------
     def solve(self, screened: ConfigResult) -> ConfigResult:
-        """Exact per-rank ILP on the screened cut; then predict() the result."""
-        config, starts = screened.config, screened.stage_starts
+        """Exact per-rank ILP on each screened cut; the fastest result, predicted."""
+        results = [self.solve_cut(screened.config, starts)
+                   for starts in [screened.stage_starts, *screened.other_stage_starts]]
+        return min(results, key=lambda r: r.step_time_s)
+
+    def solve_cut(self, config: ParallelConfig, starts: list[int]) -> ConfigResult:
+        """Exact per-rank ILP on one pipeline cut."""
         n = len(self.layers)
         tables = [self.priced_options(i, config) for i in range(n)]
         budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
@@ -286,6 +302,12 @@ class ConfigPricer:
         step = slowest[0] if peak <= self.cluster.usable_memory_bytes * (1 + 1e-9) else math.inf
         return ConfigResult(config, step, starts, choice=list(choice), peak_memory_bytes=peak,
                             breakdown_s=slowest[1], memory_bytes=memory)
+
+
+def even_stage_starts(num_layers: int, num_stages: int) -> list[int]:
+    """First layer of each stage when layers are dealt out as evenly as possible (earlier stages get extras)."""
+    base, extra = divmod(num_layers, num_stages)
+    return [stage * base + min(stage, extra) for stage in range(num_stages)]
 
 
 def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
