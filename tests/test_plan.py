@@ -125,7 +125,10 @@ def test_cli_plan_show_and_user_errors(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "predicted step time" in done.stdout and out.exists()
     shown = subprocess.run([sys.executable, "-m", "meshplan.cli", "show", str(out)], capture_output=True, text=True)
-    assert "blocks.0" in shown.stdout
+    assert "blocks.0" in shown.stdout and "alternatives" not in shown.stdout
+    why = subprocess.run([sys.executable, "-m", "meshplan.cli", "show", "--why", str(out)], capture_output=True,
+                         text=True)
+    assert why.stdout.count(" ms ") >= 3 and "step time" in why.stdout
     out.write_text(out.read_text().replace("world_size: 4", "world_size: 3"))
     bad = subprocess.run([sys.executable, "-m", "meshplan.cli", "show", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2
