@@ -86,7 +86,7 @@ def check_pipeline_supported(plan: Plan) -> None:
     """Refuse, before any rank builds anything, pipeline plans this runtime cannot run."""
     if plan.mesh.pp == 1:
         return
-    if plan.data_parallel.kind != "zero3":
+    if plan.data_parallel.kind != "zero3" and plan.mesh.dp > 1:
         raise PlanError(f"data_parallel.kind {plan.data_parallel.kind!r} with pp={plan.mesh.pp}: pipeline stages "
                         "are sharded over dp with FSDP2 only; set data_parallel.kind to 'zero3'")
     split_spec_for(plan)

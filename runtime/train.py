@@ -45,7 +45,9 @@ def device_for(plan: Plan) -> torch.device:
 def check_runtime_supports(plan: Plan) -> None:
     """Refuse, before any rank builds anything, plan features this runtime cannot run yet."""
     missing = []
-    if plan.data_parallel.kind != "zero3" or plan.data_parallel.replicate > 1 or plan.data_parallel.offload:
+    # with dp = 1 every kind is the same (nothing to replicate or shard): FSDP2 over one rank runs it
+    if (plan.data_parallel.kind != "zero3" and plan.mesh.dp > 1) or plan.data_parallel.replicate > 1 \
+            or plan.data_parallel.offload:
         missing.append(f"data_parallel {plan.data_parallel}")
     if plan.precision.param_dtype != "float32" or plan.precision.reduce_dtype != "float32":
         missing.append(f"mixed precision {plan.precision}")

@@ -27,7 +27,7 @@ from test_parity import force_tensor_parallel
 from meshplan import execute
 from planner.api import plan
 from planner.model_spec import load_model_spec
-from planner.plan import Plan
+from planner.plan import DataParallelPlan, Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = f"{ROOT}/examples/gpt.py:build_gpt"
@@ -51,6 +51,7 @@ def pipeline_plan(model: str, pp: int, dp: int, tp: int, schedule: str, num_micr
                   stage_starts: tuple[str, ...]) -> Plan:
     """A plan for pp x dp x tp ranks: the planner's dp x tp plan with a pipeline edited in."""
     result = copy.deepcopy(_planned(model, dp, tp))
+    result.data_parallel = DataParallelPlan(kind="zero3")  # what the runtime shards pipeline stages with
     result.world_size = pp * dp * tp
     result.mesh.pp = pp
     result.pipeline.schedule = schedule
