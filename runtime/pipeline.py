@@ -103,13 +103,16 @@ def check_micro_batching(plan: Plan, spec: ModelSpec) -> None:
                         "the traced stages bake it in)")
 
 
-def trace_pipeline(plan: Plan, spec: ModelSpec):
-    """Export `spec.model` on a micro-batch from `spec.make_batch` and split it at the plan's stage boundaries.
+def trace_pipeline(plan: Plan, spec: ModelSpec, device: torch.device | None = None):
+    """Export `spec.model` on a micro-batch from `spec.make_batch` (moved to `device`, where the model lives)
+    and split it at the plan's stage boundaries.
 
     Returns the `Pipe`. Raises PlanError when the forward cannot be exported or a boundary cannot be cut.
     """
     check_micro_batching(plan, spec)
     example_inputs, _ = spec.make_batch(plan.micro_batch_size, 0)
+    if device is not None:
+        example_inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     split_spec = split_spec_for(plan)
     try:
         pipe = pipeline(spec.model, tuple(example_inputs), split_spec=split_spec)
@@ -168,7 +171,7 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
 
     `spec.model` is consumed: its parameters move into the stage modules and the other stages are dropped.
     """
-    pipe = trace_pipeline(plan, spec)
+    pipe = trace_pipeline(plan, spec, device)
     spec.model = nn.Module()  # the stage modules own the parameters from now on
     stage_ids = stage_ids_on_rank(plan, mesh["pp"].get_local_rank())
     _release_other_stages(pipe, stage_ids)
