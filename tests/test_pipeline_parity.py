@@ -1,10 +1,10 @@
 """Pipeline parallelism numerics on CPU/gloo: pipeline plans match a single process of the same model.
 
-The planner does not search pipeline meshes yet, so each plan is edited as a person would: a pp = 1 plan
-for dp x tp ranks gets mesh.pp, a schedule, micro-batches and layer stages. One torchrun launch per world size
-runs all its plans (start-up dominates), 3 AdamW steps each, comparing at every step the global-batch loss and
-every gradient each rank holds, and every parameter at the end (relative error of the difference's norm, per
-tensor, worst over ranks):
+Each plan is edited as a person would, so the schedules and cuts tested do not depend on the planner's choices:
+a pp = 1 plan for dp x tp ranks gets mesh.pp, a schedule, micro-batches and layer stages. One torchrun launch per
+world size runs all its plans (start-up dominates), 3 AdamW steps each, comparing at every step the global-batch
+loss and every gradient each rank holds, and every parameter at the end (relative error of the difference's norm,
+per tensor, worst over ranks):
 - float64: within 1e-9. Micro-batching only changes summation order (mean of micro-batch means vs one mean),
   so anything larger is a bug; a wrong gradient scale shows up as O(1).
 - float32: loss within 1e-5, gradients and parameters within 1e-3 (LayerNorm-bias gradients are sums of
