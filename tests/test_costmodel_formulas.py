@@ -2,6 +2,7 @@
 all-to-all, exposed time, offload / recompute / optimizer time, pipeline and buffer memory."""
 
 import pytest
+from test_costmodel import toy_dict
 
 from costmodel import (
     Cluster,
@@ -26,7 +27,6 @@ from costmodel import (
     save_cluster,
     transformer_layer_activation_bytes,
 )
-from test_costmodel import toy_dict
 
 GB = 1e9
 
