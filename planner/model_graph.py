@@ -160,7 +160,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         facts[path].tp_units = units
         for unit in units:
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
-                            node_by_name, params, tp_region, facts[path])
+                            node_by_name, params, tp_region, facts[path], captured.param_names)
 
     # a backward op is sharded when the forward op it differentiates is
     sharded_seq_nrs = {node_by_name[n].meta.get("seq_nr") for n in tp_region}
@@ -270,18 +270,31 @@ def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict
 def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],
                     linear_outputs: dict[str, str], linear_inputs: dict[str, str], module_path: dict[str, str],
                     node_by_name: dict[str, torch.fx.Node], params: dict[str, nn.Parameter],
-                    tp_region: dict[str, bool], fact: LayerFacts) -> None:
-    """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp."""
+                    tp_region: dict[str, bool], fact: LayerFacts, param_names: dict[str, str]) -> None:
+    """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp.
+
+    The region is every forward node of the layer downstream of a column linear's output and not downstream
+    of the row linear's output: the path into the row linear, and the side branches that only backward reads
+    (dropout masks, the `detach` aliases autograd saves for softmax), which hold per-head data too. Inside a
+    column linear only the nodes computed from its (sharded) weight and bias count: the view of its input
+    that the matmul reads is the whole, replicated activation on every tp rank.
+    """
     def full(rel: str) -> str:
         return f"{layer_path}.{rel}" if layer_path else rel
 
     col_paths = {full(c) for c in unit.colwise}
     row_path = full(unit.rowwise)
-    feeds_row = nx.ancestors(graph, linear_inputs[row_path]) | {linear_inputs[row_path]}
-    region = {n for n in layer_nodes if module_path[n] in col_paths | {row_path}}
+    after_row: set[str] = set()
+    for out_node, path in linear_outputs.items():
+        if path == row_path:
+            after_row |= nx.descendants(graph, out_node)
+    col_param_nodes = [n for n, name in param_names.items() if name.rpartition(".")[0] in col_paths]
+    from_col_params = set().union(*(nx.descendants(graph, n) for n in col_param_nodes)) if col_param_nodes else set()
+    region = {n for n in layer_nodes if module_path[n] == row_path
+              or (module_path[n] in col_paths and n in from_col_params)}
     for out_node, path in linear_outputs.items():
         if path in col_paths:
-            region |= (nx.descendants(graph, out_node) & feeds_row) & layer_nodes
+            region |= (nx.descendants(graph, out_node) & layer_nodes) - after_row
     for node in region:
         tp_region[node] = True
     for path in col_paths | {row_path}:
