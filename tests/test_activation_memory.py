@@ -1,17 +1,17 @@
 """The traced graph of a GPT block saves what Korthikanti et al. 2022 count: s*b*h*(34 + 5*a*s/h) bytes.
 
 The paper's count ("Reducing Activation Recomputation in Large Transformer Models", section 4.1) assumes
-16-bit activations, 1-byte dropout masks, attention scores and softmax materialised (no flash attention),
-a 4h GeLU MLP and LayerNorm. The block below is built so those assumptions hold: float16 parameters on the
-meta device, dropout after the attention softmax, after the attention projection and after the MLP, and
-explicit softmax(QK^T / sqrt(d)) V instead of scaled_dot_product_attention; no causal mask (a saved boolean
-mask would add s^2 bytes the paper does not count). Dropout goes through the fused kernel (see FusedDropout). The remaining difference is LayerNorm's float32
-mean and rstd (2 x 4 bytes per token per LayerNorm), which the paper leaves out: 16 / (h * (34 + 5as/h)) of the total,
-far below the 5 % tolerance.
+16-bit activations, 1-byte dropout masks, attention scores and softmax materialised (no flash attention), a 4h
+GeLU MLP and LayerNorm. The block below is built so those assumptions hold: float16 parameters on the meta
+device, dropout after the attention softmax, after the attention projection and after the MLP, and explicit
+softmax(QK^T / sqrt(d)) V instead of scaled_dot_product_attention; no causal mask (a saved boolean mask would
+add s^2 bytes the paper does not count). Dropout goes through the fused kernel (see FusedDropout). The
+remaining difference is LayerNorm's float32 mean and rstd (2 x 4 bytes per token per LayerNorm), which the
+paper leaves out: 16 / (h * (34 + 5as/h)) of the total, far below the 5 % tolerance.
 
-LayerFacts.saved_bytes comes from planner.model_graph (what forward values backward nodes read, counted
-once per storage), and LayerFacts.tp_saved_bytes is the part inside tensor-parallel units, which a tp-way
-split divides by t: the paper's sbh(10 + 24/t + 5as/(ht)).
+LayerFacts.saved_bytes comes from planner.model_graph (what forward values backward nodes read, counted once
+per storage), and LayerFacts.tp_saved_bytes is the part inside tensor-parallel units, which a tp-way split
+divides by t: the paper's sbh(10 + 24/t + 5as/(ht)).
 """
 
 import math
