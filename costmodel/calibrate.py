@@ -62,6 +62,7 @@ class LinkFit:
     collective: str
     group_size: int
     intercept_s: float
+    """The least-squares intercept a (may be negative on noisy data; `link` has the guarded value)."""
     seconds_per_byte: float
     link: LinkSpec
 
@@ -207,20 +208,24 @@ def fit_alpha_beta(collective: str, group_size: int, message_bytes: Sequence[flo
     """Least-squares fit of time = a + b * bytes, turned into the ring model's (alpha, bus bandwidth).
 
     all_reduce: a = 2(n-1) alpha, b = 2(n-1)/(n B); all_gather / reduce_scatter: a = (n-1) alpha,
-    b = (n-1)/(n B). A negative intercept becomes alpha = 0; a non-positive slope (noise on tiny messages)
-    falls back to the largest message's average rate.
+    b = (n-1)/(n B). Noise guards: a non-positive slope falls back to the largest message's average rate; a
+    non-positive intercept is re-estimated from the smallest message (its time less its bandwidth part, at
+    least half its time), since no collective is free.
     """
     n = group_size
     x = torch.tensor([[1.0, float(m)] for m in message_bytes], dtype=torch.float64)
     y = torch.tensor([[float(t)] for t in times_s], dtype=torch.float64)
     solution = torch.linalg.lstsq(x, y).solution.flatten().tolist()
     intercept, slope = solution
+    fitted_intercept, fitted_slope = intercept, slope
     steps, volume = (2, 2.0) if collective == "all_reduce" else (1, 1.0)
     if slope <= 0:
         slope = max(times_s[-1] - max(intercept, 0.0), 1e-12) / message_bytes[-1]
-    alpha = max(intercept, 0.0) / (steps * (n - 1))
+    if intercept <= 0:
+        intercept = max(times_s[0] - slope * message_bytes[0], times_s[0] / 2)
+    alpha = intercept / (steps * (n - 1))
     bandwidth = volume * (n - 1) / n / slope
-    return LinkFit(collective, n, intercept, slope, LinkSpec(bandwidth_bytes_per_s=bandwidth, latency_s=alpha))
+    return LinkFit(collective, n, fitted_intercept, fitted_slope, LinkSpec(bandwidth, alpha))
 
 
 def _log_curve(points: list[tuple[float, float]]) -> EfficiencyCurve:

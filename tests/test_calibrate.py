@@ -27,13 +27,12 @@ def test_fit_recovers_alpha_and_bus_bandwidth(collective, steps, volume):
 
 
 def test_fit_is_robust_to_noise():
-    # a negative intercept becomes alpha 0; a flat line falls back to the largest message's rate
-    fit = fit_alpha_beta("all_gather", 2, [1e3, 1e6], [0.9e-3, 1.0e-3])
-    assert fit.link.latency_s > 0
+    # a flat line falls back to the largest message's rate; a negative intercept to the smallest message
     flat = fit_alpha_beta("all_gather", 2, [1e3, 1e6], [1e-3, 1e-3])
-    assert 0 < flat.link.bandwidth_bytes_per_s < float("inf")
+    assert 0 < flat.link.bandwidth_bytes_per_s < float("inf") and flat.link.latency_s > 0
     negative = fit_alpha_beta("all_reduce", 2, [1e3, 1e6, 2e6], [1e-6, 1e-3, 2.1e-3])
-    assert negative.link.latency_s == 0.0
+    assert negative.intercept_s < 0
+    assert 0 < negative.link.latency_s * 2 <= 1e-6
 
 
 def test_calibrate_writes_a_profile_that_plans_use(tmp_path):
@@ -43,6 +42,7 @@ def test_calibrate_writes_a_profile_that_plans_use(tmp_path):
         [sys.executable, "-m", "meshplan.cli", "calibrate", "--out", str(out), "--quick", "--nproc-per-node", "2",
          "--name", "ci-cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    print(completed.stdout)  # the summary table, shown by pytest when an assertion below fails
     assert "calibrate [" in completed.stderr  # the progress bar
     assert "intra_node all_reduce" in completed.stdout and f"wrote {out}" in completed.stdout
     cluster = load_cluster(out)
