@@ -27,6 +27,20 @@ _MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convol
                "_scaled_dot_product_flash_attention_for_cpu"}
 
 
+@dataclass(frozen=True)
+class OpFacts:
+    """One aten op of a layer, for per-op pricing (efficiency curves and launch overhead are per op)."""
+
+    phase: str
+    """"forward" or "backward"."""
+    flops: float
+    bytes_accessed: float
+    """Bytes read + written when the op is not a matmul (memory-bound work); 0 for matmuls and views."""
+    is_matmul: bool
+    tensor_parallel: bool
+    """Inside a tensor-parallel unit: its FLOPs and bytes divide by tp under the `tensor` strategy."""
+
+
 @dataclass
 class LayerFacts:
     """Per-layer totals for one traced step at `sample_batch_size` (FLOPs, traffic, activations scale with batch)."""
@@ -54,6 +68,8 @@ class LayerFacts:
     tp_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    ops: list[OpFacts] = field(default_factory=list)
+    """Every aten op of the layer (views included: each is one dispatch), in graph order."""
 
 
 @dataclass
@@ -191,6 +207,9 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
             output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
             saved_bytes=saved, tensor_parallel=in_tp)
+        if isinstance(node.target, torch._ops.OpOverload):
+            layer.ops.append(OpFacts(phase=phase, flops=flops, bytes_accessed=moved, is_matmul=is_mm,
+                                     tensor_parallel=in_tp))
         if phase == "forward":
             layer.fwd_flops += flops
             layer.fwd_bytes += moved
