@@ -2,8 +2,9 @@
 
     PYTHONPATH=$PWD python benchmarks/costmodel_fidelity.py [--cluster cluster.yaml] [--steps 6]
 
-Without --cluster it first runs `meshplan calibrate --nproc-per-node 4` (the rank count the plans use, so
-calibration sees the same core sharing) and plans on the profile it writes. For each plan of
+Without --cluster it first runs `meshplan calibrate --nproc-per-node N` for each world size N the plans use
+(4 and 2), so each calibration sees the core sharing its plans will see (4 processes on a 2-core machine
+run at about half speed each), and plans each world size on its own profile. For each plan of
 examples/gpt.py (dp4, dp2 x tp2, tp4 on 4 ranks, dp2 on 2 ranks, then the same with activation
 checkpointing) it plans with the mesh pinned, runs it with `meshplan.execute` and prints predicted and
 measured step time and peak memory per rank with the relative error, then the median absolute errors.
@@ -71,18 +72,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="training steps per plan (first is warm-up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshplan-fidelity-") as tmp:
-        cluster = args.cluster
-        if cluster is None:
-            cluster = str(Path(tmp) / "cluster.yaml")
-            calibrate_profile(Path(cluster), nproc=4)
+        clusters = {}
+        for world in sorted({world for _, world, _, _ in PLANS}):
+            clusters[world] = args.cluster
+            if args.cluster is None:
+                clusters[world] = str(Path(tmp) / f"cluster-{world}.yaml")
+                calibrate_profile(Path(clusters[world]), nproc=world)
         rows, time_errors, memory_errors = [], [], []
         for name, world, mesh, checkpoint in PLANS:
-            p = with_checkpointing(plan(GPT, cluster, world, mesh=mesh), checkpoint)
+            p = with_checkpointing(plan(GPT, clusters[world], world, mesh=mesh), checkpoint)
             blank = f"{name:<26}{p.predicted.step_time_ms:>10.1f}{'':>18}{p.predicted.peak_memory_mib:>10.2f}{'':>18}"
             try:
                 report = run_with_retry(p, args.steps)
             except PlanError as err:
-                rows.append(f"{blank}  not runnable yet: {err}")
+                rows.append(f"{blank}  not runnable yet: {str(err)[:110]}")
                 continue
             except RuntimeError as err:
                 rows.append(f"{blank}  failed: {err}")
@@ -94,7 +97,8 @@ def main() -> int:
             rows.append(f"{name:<26}{report.predicted_step_time_ms:>10.1f}{report.measured_step_time_ms:>10.1f}"
                         f"{t_err:>+8.0%}{report.predicted_peak_memory_mib:>10.2f}"
                         f"{report.measured_peak_memory_mib:>10.2f}{m_err:>+8.0%}")
-        print(f"\ncost-model fidelity on {cluster} ({args.steps} steps per plan, examples/gpt.py)\n")
+        where = args.cluster or "a profile calibrated per world size"
+        print(f"\ncost-model fidelity on {where} ({args.steps} steps per plan, examples/gpt.py)\n")
         print(f"{'plan':<26}{'time ms':>10}{'measured':>10}{'error':>8}{'mem MiB':>10}{'measured':>10}{'error':>8}")
         print("\n".join(rows))
         if time_errors:

@@ -12,10 +12,13 @@ What it measures, per rank, then combines over ranks (the slowest rank's time co
 - matmul efficiency curve per dtype: time of n x n @ n x n for a few n; FLOPs = 2 n^3. On CUDA the peak stays
   the base profile's (datasheet) and efficiency = achieved / peak; on CPU there is no datasheet peak, so the
   peak becomes the best achieved rate and the curve is relative to it.
-- kernel (launch/dispatch) overhead: median time of a one-element add.
+- per-op overhead of a training step: time per aten op of an eager forward + backward of tiny layers
+  (launch, dispatcher, autograd, nn.Module calls); and AdamW's time per parameter tensor on tiny DTensor
+  parameters (FSDP2 holds parameters as DTensors).
 - memory bandwidth and its curve: dst.copy_(src) of several sizes, 2 x size bytes moved; the largest copy sets
-  memory_bandwidth_gb_per_s, smaller ones the efficiency curve. Launch overhead is subtracted from every
-  timed op before computing efficiencies, because the cost model adds it back per op.
+  memory_bandwidth_gb_per_s, smaller ones the efficiency curve. The bare dispatch time of one op (a
+  one-element add) is subtracted from every timed matmul and copy before computing efficiencies, because
+  the cost model adds a per-op overhead back.
 - host <-> device bandwidth (CUDA: pinned host -> device copy; CPU: the memory copy bandwidth).
 - device memory (CUDA: total memory; CPU: total RAM / devices_per_node of the base profile).
 - all_reduce, all_gather and reduce_scatter latency and bandwidth per link level: time over several message
@@ -44,6 +47,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, load_cluster, save_cluster
 
@@ -129,11 +136,54 @@ def _slowest_rank_s(seconds: float, device: torch.device, group=None) -> float:
 # Measurements.
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher's kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def measure_kernel_overhead_s(device: torch.device, settings: dict) -> float:
-    """Median time of a one-element add: the fixed cost of launching/dispatching one op."""
-    a = torch.ones(1, device=device)
-    b = torch.ones(1, device=device)
-    return time_call_s(lambda: torch.add(a, b), device, settings["repeats"] * 2, settings["min_time_s"])
+    """Time per aten op of an eager forward + backward through tiny Linear / GELU / LayerNorm layers.
+
+    At width 16 the arithmetic is negligible, so this is the fixed cost every op of a training step pays:
+    kernel launch, dispatcher, autograd bookkeeping and nn.Module call overhead. It is what a planner's
+    per-op overhead must cover; a bare `torch.add` of one element measures only part of it."""
+    width = 16
+    layers = [nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width)) for _ in range(8)]
+    model = nn.Sequential(*layers).to(device)
+    x = torch.randn(4, width, device=device)
+
+    def step():
+        model(x).sum().backward()
+
+    step()
+    counter = _CountOps()
+    with counter:
+        step()
+    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"])
+    return seconds / max(counter.count, 1)
+
+
+def measure_optimizer_tensor_overhead_s(device: torch.device, settings: dict) -> float:
+    """Time per parameter tensor of torch's default AdamW step over tiny DTensor parameters sharded on the
+    whole world, as FSDP2 holds them (memory traffic is negligible at this size)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    num_tensors = 32
+    params = []
+    for _ in range(num_tensors):
+        param = nn.Parameter(distribute_tensor(torch.zeros(dist.get_world_size() * 4, 4, device=device), mesh,
+                                               [Shard(0)]))
+        param.grad = distribute_tensor(torch.ones(dist.get_world_size() * 4, 4, device=device), mesh, [Shard(0)])
+        params.append(param)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    seconds = time_call_s(optimizer.step, device, settings["repeats"], settings["min_time_s"])
+    return seconds / num_tensors
 
 
 def measure_matmul_s(n: int, dtype: torch.dtype, device: torch.device, settings: dict) -> float:
@@ -207,14 +257,18 @@ def fit_alpha_beta(collective: str, group_size: int, message_bytes: Sequence[flo
                    times_s: Sequence[float]) -> LinkFit:
     """Least-squares fit of time = a + b * bytes, turned into the ring model's (alpha, bus bandwidth).
 
+    The fit minimises relative error (each row weighted by 1 / time), so the latency-bound small messages
+    that FSDP and tensor parallelism send for small layers count as much as the bandwidth-bound large ones.
+
     all_reduce: a = 2(n-1) alpha, b = 2(n-1)/(n B); all_gather / reduce_scatter: a = (n-1) alpha,
     b = (n-1)/(n B). Noise guards: a non-positive slope falls back to the largest message's average rate; a
     non-positive intercept is re-estimated from the smallest message (its time less its bandwidth part, at
     least half its time), since no collective is free.
     """
     n = group_size
-    x = torch.tensor([[1.0, float(m)] for m in message_bytes], dtype=torch.float64)
-    y = torch.tensor([[float(t)] for t in times_s], dtype=torch.float64)
+    x = torch.tensor([[1.0 / t, float(m) / t] for m, t in zip(message_bytes, times_s, strict=True)],
+                     dtype=torch.float64)
+    y = torch.ones(len(times_s), 1, dtype=torch.float64)
     solution = torch.linalg.lstsq(x, y).solution.flatten().tolist()
     intercept, slope = solution
     fitted_intercept, fitted_slope = intercept, slope
@@ -278,14 +332,19 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         collective_levels.append("intra_node")
         if num_nodes > 1:
             collective_levels.append("inter_node")
-    total = (1 + len(dtypes) * len(settings["matmul_sizes"]) + len(settings["copy_mib"])
+    total = (2 + len(dtypes) * len(settings["matmul_sizes"]) + len(settings["copy_mib"])
              + (1 if device.type == "cuda" else 0)
              + len(collective_levels) * len(_COLLECTIVES) * len(settings["message_kib"]))
     progress = Progress(total, enabled=rank == 0)
     lines: list[str] = []
 
+    one = torch.ones(1, device=device)
+    bare_s = _slowest_rank_s(time_call_s(lambda: torch.add(one, one), device, settings["repeats"],
+                                         settings["min_time_s"]), device)
     overhead_s = _slowest_rank_s(measure_kernel_overhead_s(device, settings), device)
-    progress.step("kernel overhead")
+    progress.step("per-op overhead (tiny training step)")
+    optimizer_overhead_s = _slowest_rank_s(measure_optimizer_tensor_overhead_s(device, settings), device)
+    progress.step("optimizer per-tensor overhead")
 
     peaks = dict(base.peak_flops_per_s)
     curves = {}
@@ -295,7 +354,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         for n in settings["matmul_sizes"]:
             seconds = _slowest_rank_s(measure_matmul_s(n, dtype, device, settings), device)
             flops = 2.0 * n**3
-            rates.append((flops, flops / max(seconds - overhead_s, seconds * 0.05)))
+            rates.append((flops, flops / max(seconds - bare_s, seconds * 0.05)))
             progress.step(f"matmul {dtype_name} n={n}")
         best = max(rate for _, rate in rates)
         if device.type != "cuda" or best > peaks.get(dtype_name, 0.0):
@@ -311,7 +370,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
     for mib in settings["copy_mib"]:
         num_bytes = int(mib * 2**20)
         seconds = _slowest_rank_s(measure_copy_s(num_bytes, device, settings), device)
-        copy_rates.append((2.0 * num_bytes, 2.0 * num_bytes / max(seconds - overhead_s, seconds * 0.05)))
+        copy_rates.append((2.0 * num_bytes, 2.0 * num_bytes / max(seconds - bare_s, seconds * 0.05)))
         progress.step(f"copy {mib:g} MiB")
     bandwidth = _rounded(copy_rates[-1][1])
     memory_curve = _log_curve([(b, _rounded(r / bandwidth)) for b, r in copy_rates])
@@ -328,7 +387,9 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         host_link = LinkSpec(bandwidth, base.host_link.latency_s if base.host_link else 0.0)
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // base.devices_per_node
     lines.append(f"host link {host_link.bandwidth_bytes_per_s / 1e9:8.2f} GB/s   device memory "
-                 f"{memory_bytes / 2**30:.2f} GiB   kernel overhead {overhead_s * 1e6:.1f} us")
+                 f"{memory_bytes / 2**30:.2f} GiB")
+    lines.append(f"overhead  {overhead_s * 1e6:.1f} us per op of a training step, {optimizer_overhead_s * 1e6:.1f} us "
+                 "per parameter tensor of AdamW")
 
     links = {"intra_node": base.intra_node, "inter_node": base.inter_node}
     overrides: dict[str, dict[str, LinkSpec]] = {}
@@ -367,7 +428,8 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         base, name=name, description=description, devices_per_node=devices_per_node, num_nodes=num_nodes,
         device_memory_bytes=int(memory_bytes), peak_flops_per_s=peaks, matmul_efficiency=curves,
         memory_bandwidth_bytes_per_s=bandwidth, memory_efficiency=memory_curve,
-        kernel_overhead_s=_rounded(overhead_s), host_link=host_link,
+        kernel_overhead_s=_rounded(overhead_s), optimizer_tensor_overhead_s=_rounded(optimizer_overhead_s),
+        host_link=host_link,
         intra_node=links["intra_node"], inter_node=links["inter_node"],
         collective_links={**base.collective_links, **overrides})
     return profile, lines

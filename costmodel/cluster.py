@@ -74,7 +74,7 @@ _REQUIRED_KEYS = (
 )
 _OPTIONAL_KEYS = ("description",)
 _V2_REQUIRED_KEYS = (*_REQUIRED_KEYS, "memory_efficiency", "kernel_overhead_us", "overlap")
-_V2_OPTIONAL_KEYS = ("description", "host_link", "collectives")
+_V2_OPTIONAL_KEYS = ("description", "host_link", "collectives", "optimizer_tensor_overhead_us")
 
 
 class ClusterError(ValueError):
@@ -353,8 +353,14 @@ class Cluster:
     """Achieved share of memory_bandwidth for memory-bound ops, as a curve over bytes moved by the op."""
 
     kernel_overhead_s: float = 0.0
-    """Fixed time per op (seconds) on top of the roofline: kernel launch on GPUs, dispatcher and Python
-    overhead on CPUs. `calibrate` measures it as the time of a tiny op."""
+    """Fixed time per aten op of a training step (seconds) on top of the roofline: kernel launch on GPUs,
+    dispatcher, autograd and nn.Module overhead everywhere. `calibrate` measures it as the time per op of an
+    eager forward + backward of tiny layers, where the arithmetic is negligible."""
+
+    optimizer_tensor_overhead_s: float = 0.0
+    """Fixed time per parameter tensor of the optimizer step (seconds), beyond its memory traffic: torch's
+    per-tensor loop (or foreach launches) over DTensor parameters as FSDP2 holds them. `calibrate` measures it
+    with AdamW on tiny sharded parameters. 0 when unknown."""
 
     host_link: LinkSpec | None = None
     """Device <-> host memory link (PCIe, NVLink-C2C) per device, for offload; None = unknown, and
@@ -377,7 +383,7 @@ class Cluster:
         _check_int(source, "devices_per_node", self.devices_per_node)
         _check_int(source, "device_memory_bytes", self.device_memory_bytes)
         for name, kind in (("usable_memory_fraction", "fraction"), ("memory_bandwidth_bytes_per_s", "positive"),
-                           ("kernel_overhead_s", "non-negative")):
+                           ("kernel_overhead_s", "non-negative"), ("optimizer_tensor_overhead_s", "non-negative")):
             object.__setattr__(self, name, _check_number(source, name, getattr(self, name), kind))
         peak = _check_mapping(source, "peak_flops_per_s", self.peak_flops_per_s)
         _check_peak_keys(source, "peak_flops_per_s", peak)
@@ -415,7 +421,8 @@ class Cluster:
                      self.device_memory_bytes, self.usable_memory_fraction,
                      tuple(sorted(self.peak_flops_per_s.items())), tuple(sorted(self.matmul_efficiency.items())),
                      self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description,
-                     self.memory_efficiency, self.kernel_overhead_s, self.host_link, links, self.overlap))
+                     self.memory_efficiency, self.kernel_overhead_s, self.optimizer_tensor_overhead_s,
+                     self.host_link, links, self.overlap))
 
     @property
     def world_size(self) -> int:
@@ -489,6 +496,7 @@ class Cluster:
             memory_bandwidth_gb_per_s=_to_human(self.memory_bandwidth_bytes_per_s, _GB),
             memory_efficiency=self.memory_efficiency.to_list(),
             kernel_overhead_us=_to_human(self.kernel_overhead_s, _US_PER_S, inverse=True),
+            optimizer_tensor_overhead_us=_to_human(self.optimizer_tensor_overhead_s, _US_PER_S, inverse=True),
             intra_node=_link_to_dict(self.intra_node),
             inter_node=_link_to_dict(self.inter_node),
         )
@@ -539,6 +547,9 @@ class Cluster:
                                                                data["memory_efficiency"])),
                 kernel_overhead_s=_to_base(_check_number(source, "kernel_overhead_us", data["kernel_overhead_us"],
                                                          "non-negative"), _US_PER_S, inverse=True),
+                optimizer_tensor_overhead_s=_to_base(_check_number(
+                    source, "optimizer_tensor_overhead_us", data.get("optimizer_tensor_overhead_us", 0),
+                    "non-negative"), _US_PER_S, inverse=True),
                 overlap=_overlap_from_dict(source, data["overlap"]),
                 collective_links=_collectives_from_dict(source, data.get("collectives", {})),
             )

@@ -106,11 +106,12 @@ def optimizer_step_time_s(num_params: int, cluster: Cluster, bytes_per_param_tou
                           num_tensors: int = 0) -> float:
     """Seconds for a memory-bound optimizer update of `num_params` parameters on one device.
 
-    num_params * bytes_per_param / (memory_bandwidth * e_mem(total bytes)) + num_tensors * kernel_overhead_s.
+    num_params * bytes_per_param / (memory_bandwidth * e_mem(total bytes))
+        + num_tensors * optimizer_tensor_overhead_s.
     bytes_per_param is `optimizer_bytes_per_param(optimizer, param_dtype, master_weights)` when `optimizer`
     is given, else `bytes_per_param_touched` (default 32 B/param: the skeleton's AdamW figure, kept for old
-    callers). Pass num_params per shard under ZeRO and num_tensors = number of parameter tensors for an
-    unfused (for-loop) optimizer; a foreach/fused one launches a handful of kernels, so pass a small number.
+    callers). Pass num_params per shard under ZeRO and num_tensors = number of parameter tensors; the
+    profile's per-tensor overhead is measured with torch's default AdamW implementation for the device.
     Blind spots: the update's FLOPs (a few per parameter) are ignored: it is memory-bound on every device
     priced here.
     """
@@ -124,7 +125,9 @@ def optimizer_step_time_s(num_params: int, cluster: Cluster, bytes_per_param_tou
     memory_s = 0.0
     if total:
         memory_s = total / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_efficiency.at(total))
-    return memory_s + kernel_overhead_time_s(num_tensors, cluster)
+    if isinstance(num_tensors, bool) or not isinstance(num_tensors, int) or num_tensors < 0:
+        raise ValueError(f"num_tensors must be an integer >= 0, got {num_tensors!r}")
+    return memory_s + num_tensors * cluster.optimizer_tensor_overhead_s
 
 
 def host_transfer_time_s(num_bytes: float, cluster: Cluster) -> float:

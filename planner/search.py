@@ -95,7 +95,8 @@ def solve_mesh(model: nn.Module, graph: ModelGraph, dp: int, tp: int, cluster: C
     if chosen is None:
         return None
     costs = {layer.path: table[layer.kind][chosen[layer.kind]] for layer in graph.layers}
-    optimizer_s = optimizer_step_time_s(sum(c.sharded_num_params for c in costs.values()), cluster)
+    optimizer_s = optimizer_step_time_s(sum(c.sharded_num_params for c in costs.values()), cluster,
+                                        optimizer="adamw", num_tensors=sum(1 for _ in model.parameters()))
     step_time_s = sum(c.time_s for c in costs.values()) + optimizer_s
     return MeshResult(dp=dp, tp=tp, strategies=chosen, costs=costs, step_time_s=step_time_s,
                       optimizer_s=optimizer_s, peak_memory_bytes=peak_memory_bytes(list(costs.values())))

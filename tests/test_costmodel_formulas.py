@@ -35,6 +35,7 @@ def v2_dict(**changes):
     data = toy_dict(schema_version=2, matmul_efficiency={"float32": [[1e6, 0.1], [1e10, 0.5]],
                                                          "bfloat16": [[1e6, 0.01], [1e10, 0.8]]},
                     memory_efficiency=[[1e4, 0.25], [1e8, 1.0]], kernel_overhead_us=10,
+                    optimizer_tensor_overhead_us=20,
                     host_link={"bandwidth_gb_per_s": 20, "latency_us": 5},
                     overlap={"fsdp_all_gather": 0.5, "gradient_reduction": 1, "pipeline_p2p": 0,
                              "tensor_parallel": 0})
@@ -148,9 +149,9 @@ def test_optimizer_bytes(optimizer, dtype, master, expected):
 
 
 def test_optimizer_step_time_by_optimizer(v2):
-    # 1e9 params of mixed-precision AdamW: 28 GB at 1000 GB/s (memory curve saturated), + 10 tensors x 10 us
+    # 1e9 params of mixed-precision AdamW: 28 GB at 1000 GB/s (memory curve saturated), + 10 tensors x 20 us
     assert optimizer_step_time_s(10**9, v2, optimizer="adamw", param_dtype="bfloat16", master_weights=True,
-                                 num_tensors=10) == pytest.approx(0.028 + 1e-4)
+                                 num_tensors=10) == pytest.approx(0.028 + 2e-4)
     assert optimizer_step_time_s(10**9, v2) == pytest.approx(0.032)  # the old default is kept
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         optimizer_step_time_s(10, v2, optimizer="lion")
