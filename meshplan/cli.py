@@ -1,8 +1,9 @@
-"""The `meshplan` command: plan, show, execute.
+"""The `meshplan` command: plan, show, execute, calibrate.
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
     meshplan show plan.yaml
     meshplan execute plan.yaml --steps 5
+    meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
 User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2.
 """
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive_int, default=5)
     e.add_argument("--report-json", help="also write the run report as JSON here")
     e.add_argument("--quiet", action="store_true", help="do not print the report")
+    c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
+                                         "YAML for --cluster (starts torchrun when needed)")
+    from costmodel.calibrate import add_arguments
+
+    add_arguments(c)
     return parser
 
 
@@ -114,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
             run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet)
         else:
             execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet)
+        return 0
+    if args.command == "calibrate":
+        from costmodel.calibrate import calibrate
+
+        calibrate(args)
         return 0
     raise AssertionError(args.command)
 
