@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +132,31 @@ def trace_pipeline(plan: Plan, spec: ModelSpec, device: torch.device | None = No
                         "that runs more than once, or first of all, cannot start a stage; move the layers' "
                         "'stage' boundary to a layer that runs once, after the first") from err
     check_stage_parameters(plan, pipe)
+    check_neighbour_inputs(pipe)
     return pipe
+
+
+def check_neighbour_inputs(pipe) -> None:
+    """Every stage after the first must take its inputs from the stage just before it.
+
+    torch.distributed.pipelining sends activations only between neighbouring stages; a value made on stage 0 and
+    used by stages 1, 2 and 3 (e.g. rotary tables computed in the root forward and passed to every block), or a
+    model input used past stage 0, would be a skip connection its schedules refuse mid-run.
+    """
+    stage_calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
+    stage_of = {node: stage for stage, node in enumerate(stage_calls)}
+    for stage, call in enumerate(stage_calls):
+        for value in call.all_input_nodes:
+            source = value
+            while source.op == "call_function" and source.target is operator.getitem:
+                source = source.args[0]
+            made_on = stage_of.get(source)
+            if stage > 0 and made_on != stage - 1:
+                origin = "is a model input" if made_on is None else f"is computed on stage {made_on}"
+                raise PlanError(f"pipeline: stage {stage} uses {_describe(pipe, value)}, which {origin}, not on stage "
+                                f"{stage - 1}; torch.distributed.pipelining passes values only between neighbouring "
+                                "stages. Compute the value inside the layers that use it, or keep its producer and "
+                                "all its users on one stage (fewer stages, or mesh.pp = 1)")
 
 
 def check_stage_parameters(plan: Plan, pipe) -> None:
@@ -151,6 +176,17 @@ def check_stage_parameters(plan: Plan, pipe) -> None:
             raise PlanError(f"pipeline: parameter {name} of layer {layer} is used on stage {stage}, but the plan "
                             f"puts {layer} on stage {stage_of_layer[layer]}; move the stage boundary so the layer "
                             "sits with the code that uses its parameters")
+
+
+def _describe(pipe, value) -> str:
+    """A value passed between stages, by the name and source line it has inside the stage that makes it."""
+    if value.op == "call_function" and value.target is operator.getitem:
+        producer = pipe.split_gm.get_submodule(value.args[0].target)
+        outputs = next(node for node in producer.graph.nodes if node.op == "output").args[0]
+        if isinstance(outputs, (tuple, list)):
+            value = outputs[value.args[1]]
+    where = value.meta.get("stack_trace", "").strip().splitlines()
+    return f"{value.name!r}" + (f" ({where[0].strip()}: {where[-1].strip()})" if len(where) >= 2 else "")
 
 
 def _release_other_stages(pipe, keep: list[int]) -> None:

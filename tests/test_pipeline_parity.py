@@ -31,6 +31,7 @@ from planner.plan import DataParallelPlan, Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = f"{ROOT}/examples/gpt.py:build_gpt"
+LLAMA = f"{ROOT}/examples/llama.py:build_llama"
 TOLERANCE = {"float64": {"loss": 1e-9, "grad": 1e-9, "param": 1e-9},
              "float32": {"loss": 1e-5, "grad": 1e-3, "param": 1e-3}}
 STEPS = 3
@@ -86,7 +87,8 @@ def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) 
     assert not result["missing"], f"no rank holds {result['missing']}"
     # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
     assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
-    # GPT's 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias, mlp.proj.weight
+    # the tp runs are GPT's: 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias and
+    # mlp.proj.weight
     assert result["tp_sharded"] == (28 if tp > 1 else 0), result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
     assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
@@ -94,9 +96,11 @@ def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) 
         assert result["worst"][quantity] < tolerance, (quantity, result)
 
 
-# name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype); one launch per world size
+# name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype[, model]); one launch per
+# world size. Llama's root forward computes rotary tables that every block takes: fine across one cut.
 CONFIGS = {
     2: {"pp2_1f1b": (2, 1, 1, "1f1b", 4, TWO_STAGES, "float64"),
+        "pp2_1f1b_llama": (2, 1, 1, "1f1b", 2, ("layers.2",), "float64", LLAMA),
         "pp2_gpipe": (2, 1, 1, "gpipe", 2, TWO_STAGES, "float64"),
         "pp2_interleaved": (2, 1, 1, "interleaved_1f1b", 4, FOUR_STAGES, "float64"),
         "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
@@ -113,7 +117,8 @@ def results(tmp_path_factory):
 
     def get(world_size: int) -> dict:
         if world_size not in done:
-            runs = {name: (pipeline_plan(GPT, *config[:6]), config[6]) for name, config in CONFIGS[world_size].items()}
+            runs = {name: (pipeline_plan((config[7:] or (GPT,))[0], *config[:6]), config[6])
+                    for name, config in CONFIGS[world_size].items()}
             done[world_size] = run_pipeline_parity(runs, tmp_path_factory.mktemp(f"pp_world{world_size}"))
         return done[world_size]
 

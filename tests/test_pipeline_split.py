@@ -68,6 +68,15 @@ def test_stage_cannot_start_with_a_layer_that_runs_first_and_again():
         trace_pipeline(reuse_plan, load_model_spec(f"{MODELS}:build_reused_linear"))
 
 
+def test_values_skipping_a_stage_are_refused():
+    """Llama's rotary tables are made in the root forward and taken by every block: with blocks on stages 1, 2
+    and 3 they would skip stages, which torch's schedules cannot send."""
+    llama = f"{ROOT}/examples/llama.py:build_llama"
+    pipe_plan = pipeline_plan(llama, 2, 1, 1, "interleaved_1f1b", 2, ("layers.1", "layers.2", "layers.3"))
+    with pytest.raises(PlanError, match=r"stage 2 uses .*llama.py.*cos, sin = .* computed on stage 0, not on stage 1"):
+        trace_pipeline(pipe_plan, load_model_spec(llama))
+
+
 def test_micro_batches_must_divide_the_dp_rank_batch():
     pipe_plan = pipeline_plan(GPT, 2, 1, 1, "1f1b", 2, TWO_STAGES)
     pipe_plan.pipeline.num_microbatches = 3  # Plan.validate would refuse it too; the runtime checks on its own
