@@ -41,6 +41,7 @@ from planner.model_spec import ModelSpec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
+from runtime.stage_relay import relay_skipping_values
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -132,6 +133,7 @@ def trace_pipeline(plan: Plan, spec: ModelSpec, device: torch.device | None = No
                         "that runs more than once, or first of all, cannot start a stage; move the layers' "
                         "'stage' boundary to a layer that runs once, after the first") from err
     check_stage_parameters(plan, pipe)
+    relay_skipping_values(pipe)
     check_neighbour_inputs(pipe)
     return pipe
 

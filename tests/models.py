@@ -1,4 +1,4 @@
-"""Small MODEL functions for tests: a plain MLP, a model that reuses a layer, a GPT with tied weights."""
+"""Small MODEL functions for tests: a plain MLP, models that reuse a layer or the input, a GPT with tied weights."""
 
 import importlib.util
 from pathlib import Path
@@ -49,3 +49,22 @@ def build_tied_gpt() -> ModelSpec:
     spec = gpt.build_gpt()
     spec.model.head.weight = spec.model.wte.weight
     return spec
+
+
+class InputSkip(nn.Module):
+    """The model input is added again after `b`: with `b` and `c` on a later stage, that stage needs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)) + x)
+
+
+def build_input_skip() -> ModelSpec:
+    def make_batch(batch_size: int, step: int):
+        x = torch.randn(batch_size, 8, generator=torch.Generator().manual_seed(step))
+        return (x,), x[:, :4]
+
+    return ModelSpec(model=InputSkip(), make_batch=make_batch, loss_fn=F.mse_loss, global_batch_size=8)

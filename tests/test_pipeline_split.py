@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline_parity import FOUR_STAGES, GPT, TWO_STAGES, pipeline_plan
+from test_pipeline_parity import FOUR_STAGES, GPT, LLAMA, TWO_STAGES, pipeline_plan
 
 from planner.api import plan
 from planner.model_spec import load_model_spec
@@ -68,13 +68,34 @@ def test_stage_cannot_start_with_a_layer_that_runs_first_and_again():
         trace_pipeline(reuse_plan, load_model_spec(f"{MODELS}:build_reused_linear"))
 
 
-def test_values_skipping_a_stage_are_refused():
-    """Llama's rotary tables are made in the root forward and taken by every block: with blocks on stages 1, 2
-    and 3 they would skip stages, which torch's schedules cannot send."""
-    llama = f"{ROOT}/examples/llama.py:build_llama"
-    pipe_plan = pipeline_plan(llama, 2, 1, 1, "interleaved_1f1b", 2, ("layers.1", "layers.2", "layers.3"))
-    with pytest.raises(PlanError, match=r"stage 2 uses .*llama.py.*cos, sin = .* computed on stage 0, not on stage 1"):
-        trace_pipeline(pipe_plan, load_model_spec(llama))
+def test_values_skipping_stages_are_relayed_through_the_stages_between():
+    """Llama's rotary tables are made in the root forward (stage 0) and taken by every block: with blocks on
+    stages 1, 2 and 3, stages 1 and 2 must pass them on, since torch's schedules only send to the next stage."""
+    pipe_plan = pipeline_plan(LLAMA, 2, 1, 1, "interleaved_1f1b", 2, ("layers.1", "layers.2", "layers.3"))
+    torch.manual_seed(0)
+    spec = load_model_spec(LLAMA)
+    original = copy.deepcopy(spec.model)
+    (tokens,), _ = spec.make_batch(pipe_plan.micro_batch_size, 0)
+    pipe = trace_pipeline(pipe_plan, spec)
+    calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
+    assert [len(call.args) for call in calls] == [1, 3, 3, 3]  # stages 2 and 3 get cos, sin from 1 and 2
+    values = (tokens,)
+    for stage in range(pipe_plan.num_stages):
+        out = pipe.get_stage_module(stage)(*values)
+        values = out if isinstance(out, tuple) else (out,)
+    torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
+
+
+def test_model_inputs_past_the_first_stage_are_refused():
+    skip_plan = plan(f"{MODELS}:build_input_skip", "cpu", 1)
+    assert [layer.path for layer in skip_plan.layers] == ["a", "b", "c"]
+    for layer, stage in zip(skip_plan.layers, (0, 1, 1), strict=True):
+        layer.stage = stage
+    skip_plan.world_size, skip_plan.mesh.pp = 2, 2
+    skip_plan.pipeline.schedule, skip_plan.pipeline.num_microbatches = "1f1b", 2
+    skip_plan.validate("test")
+    with pytest.raises(PlanError, match="stage 1 uses 'x', which is a model input, not on stage 0"):
+        trace_pipeline(skip_plan, load_model_spec(f"{MODELS}:build_input_skip"))
 
 
 def test_micro_batches_must_divide_the_dp_rank_batch():
