@@ -5,7 +5,8 @@ split_spec={path: SplitPoint.BEGINNING})` exports the whole forward with torch.e
 works, e.g. GPT's `x = wte(idx) + wpe(arange)`: root-level ops land on the stage where they run) and splits
 it before the first layer of every stage. Each stage module keeps the module hierarchy and parameter FQNs
 (`blocks.2.attn.q.weight`), so the plan's layer paths apply to it unchanged: tensor parallel over `tp`
-(DTensor), then FSDP2 over `dp`, then `Pipe.build_stage` wraps it for the schedule.
+(DTensor), then FSDP2 over `dp`, then `Pipe.build_stage` wraps it for the schedule. Values a stage takes from a
+stage further back (Llama's rotary tables) are relayed through the stages between (runtime/stage_relay.py).
 
 Vocabulary: stage = one contiguous run of the layer chain (0 .. pp x virtual_stages - 1); stage s runs on
 pipeline rank s % pp (the looped layout `ScheduleInterleaved1F1B` expects; with one stage per rank, s = rank).
@@ -13,7 +14,8 @@ pipeline rank s % pp (the looped layout `ScheduleInterleaved1F1B` expects; with 
 Blind spots: every rank builds the full model once from the shared seed (so the weights equal a single
 process's) and then drops all but its stages; the export bakes the micro-batch shape into the graph, so
 every micro-batch must have the plan's micro-batch size; a parameter shared by two stages (tied embedding
-and head) is refused, since the tracer would copy it and the copies' gradients would never be summed.
+and head) is refused, since the tracer would copy it and the copies' gradients would never be summed; so is a
+model input used past the first stage (only stage 0 receives the inputs).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from planner.model_spec import ModelSpec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
-from runtime.stage_relay import relay_skipping_values
+from runtime.stage_relay import produced_value, relay_skipping_values
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -141,9 +143,9 @@ def trace_pipeline(plan: Plan, spec: ModelSpec, device: torch.device | None = No
 def check_neighbour_inputs(pipe) -> None:
     """Every stage after the first must take its inputs from the stage just before it.
 
-    torch.distributed.pipelining sends activations only between neighbouring stages; a value made on stage 0 and
-    used by stages 1, 2 and 3 (e.g. rotary tables computed in the root forward and passed to every block), or a
-    model input used past stage 0, would be a skip connection its schedules refuse mid-run.
+    torch.distributed.pipelining sends activations only between neighbouring stages. Values made on one stage and
+    used further on are relayed before this check (runtime/stage_relay.py); what is left are model inputs used
+    past stage 0, a skip connection its schedules would refuse mid-run.
     """
     stage_calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
     stage_of = {node: stage for stage, node in enumerate(stage_calls)}
@@ -182,11 +184,7 @@ def check_stage_parameters(plan: Plan, pipe) -> None:
 
 def _describe(pipe, value) -> str:
     """A value passed between stages, by the name and source line it has inside the stage that makes it."""
-    if value.op == "call_function" and value.target is operator.getitem:
-        producer = pipe.split_gm.get_submodule(value.args[0].target)
-        outputs = next(node for node in producer.graph.nodes if node.op == "output").args[0]
-        if isinstance(outputs, (tuple, list)):
-            value = outputs[value.args[1]]
+    value = produced_value(pipe, value)
     where = value.meta.get("stack_trace", "").strip().splitlines()
     return f"{value.name!r}" + (f" ({where[0].strip()}: {where[-1].strip()})" if len(where) >= 2 else "")
 

@@ -68,3 +68,24 @@ def build_input_skip() -> ModelSpec:
         return (x,), x[:, :4]
 
     return ModelSpec(model=InputSkip(), make_batch=make_batch, loss_fn=F.mse_loss, global_batch_size=8)
+
+
+class LongResidual(nn.Module):
+    """`a`'s output feeds `b` and is added again after `d`: cut into four stages, it skips two stages and its
+    gradient must come back through them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(h)))) + h)
+
+
+def build_long_residual() -> ModelSpec:
+    def make_batch(batch_size: int, step: int):
+        x = torch.randn(batch_size, 8, generator=torch.Generator().manual_seed(step))
+        return (x,), x[:, :4]
+
+    return ModelSpec(model=LongResidual(), make_batch=make_batch, loss_fn=F.mse_loss, global_batch_size=8)

@@ -98,11 +98,13 @@ def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) 
 
 # name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype[, model]); one launch per
 # world size. Llama's root forward computes rotary tables that every block takes: with 4 stages they are relayed
-# through stages 1 and 2 (runtime/stage_relay.py).
+# through stages 1 and 2 (runtime/stage_relay.py); LongResidual relays a value with a gradient.
 CONFIGS = {
     2: {"pp2_1f1b": (2, 1, 1, "1f1b", 4, TWO_STAGES, "float64"),
         "pp2_interleaved_llama": (2, 1, 1, "interleaved_1f1b", 2, ("layers.1", "layers.2", "layers.3"), "float64",
                                   LLAMA),
+        "pp2_interleaved_residual": (2, 1, 1, "interleaved_1f1b", 2, ("b", "c", "d"), "float64",
+                                     f"{ROOT}/tests/models.py:build_long_residual"),
         "pp2_gpipe": (2, 1, 1, "gpipe", 2, TWO_STAGES, "float64"),
         "pp2_interleaved": (2, 1, 1, "interleaved_1f1b", 4, FOUR_STAGES, "float64"),
         "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
