@@ -15,8 +15,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from planner.model_spec import ModelSpec, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.data_parallel import (
+    apply_data_parallel,
+    autocast_context,
+    build_optimizer,
+    check_data_parallel_supported,
+    set_gradient_sync,
+)
 from runtime.measure import PeakMemoryProbe
-from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
+from runtime.memory_techniques import (
+    apply_activation_checkpointing,
+    apply_activation_offload,
+    check_memory_techniques_supported,
+)
+from runtime.parallelize import apply_tensor_parallel, forward_context
 
 
 @dataclass
@@ -46,16 +58,11 @@ def check_runtime_supports(plan: Plan) -> None:
     missing = []
     if plan.mesh.pp > 1:
         missing.append(f"pipeline parallelism (pp={plan.mesh.pp})")
-    if plan.data_parallel.kind != "zero3" or plan.data_parallel.replicate > 1 or plan.data_parallel.offload:
-        missing.append(f"data_parallel {plan.data_parallel}")
-    if plan.precision.param_dtype != "float32" or plan.precision.reduce_dtype != "float32":
-        missing.append(f"mixed precision {plan.precision}")
-    if plan.pipeline.num_microbatches > 1:
-        missing.append(f"gradient accumulation ({plan.pipeline.num_microbatches} micro-batches)")
+    missing += check_data_parallel_supported(plan)
+    missing += check_memory_techniques_supported(plan)
     for layer in plan.layers:
-        if layer.checkpoint != "none" or layer.offload_activations or layer.sequence_parallel:
-            missing.append(f"layer {layer.path}: checkpoint={layer.checkpoint}, offload_activations="
-                           f"{layer.offload_activations}, sequence_parallel={layer.sequence_parallel}")
+        if layer.sequence_parallel:
+            missing.append(f"layer {layer.path}: sequence_parallel")
     if missing:
         raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
 
@@ -70,10 +77,13 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
 
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
-    """Shard `spec.model` in place per the plan: tensor parallel over tp, then FSDP2 over dp."""
+    """Shard `spec.model` per the plan: tensor parallel over tp, activation checkpointing and offload per layer,
+    then data parallelism over dp. Returns the module to train (a DDP wrapper for zero1, else `spec.model`)."""
+    device = mesh.device_type
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
-    apply_data_parallel(spec.model, plan, mesh["dp"])
-    return spec.model
+    apply_activation_checkpointing(spec.model, plan)
+    apply_activation_offload(spec.model, plan, torch.device(device))
+    return apply_data_parallel(spec.model, plan, mesh, torch.device(device))
 
 
 def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch.device):
@@ -83,15 +93,39 @@ def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch
     return inputs, targets.chunk(dp)[dp_rank].to(device)
 
 
+def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targets,
+                     device: torch.device) -> torch.Tensor:
+    """Forward and backward of this rank's batch in `plan.pipeline.num_microbatches` micro-batches (pp = 1).
+
+    Each micro-batch loss is divided by the number of micro-batches, so the accumulated gradient is the
+    gradient of the batch mean; gradient sync runs on the last micro-batch only. Returns the local batch loss
+    (detached).
+    """
+    count = plan.pipeline.num_microbatches
+    if targets.shape[0] % count:
+        raise PlanError(f"this rank's batch of {targets.shape[0]} samples cannot be split into "
+                        f"{count} micro-batches; choose num_microbatches dividing global batch / dp")
+    micro_inputs = [t.chunk(count) if isinstance(t, torch.Tensor) else [t] * count for t in inputs]
+    micro_targets = targets.chunk(count)
+    total = None
+    for index in range(count):
+        if count > 1:
+            set_gradient_sync(model, plan, index == count - 1)
+        with forward_context(plan), autocast_context(plan, device):
+            loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
+        (loss / count).backward()
+        part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / count
+        total = part if total is None else total + part
+    return total
+
+
 def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer, plan: Plan, inputs,
-               targets) -> torch.Tensor:
+               targets, device: torch.device) -> torch.Tensor:
     """One forward/backward/AdamW step; returns the local loss (detached)."""
-    with forward_context(plan):
-        loss = spec.loss_fn(model(*inputs), targets)
-    loss.backward()
+    loss = forward_backward(model, spec, plan, inputs, targets, device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult:
@@ -105,7 +139,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         raise PlanError(f"the plan was made for global batch {plan.model.global_batch_size}, the model now "
                         f"asks for {spec.global_batch_size}; re-plan")
     model = build_parallel_model(plan, spec, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
+    optimizer = build_optimizer(model, plan, mesh, spec.learning_rate)
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = 1 if steps >= 3 else steps - 1
@@ -116,9 +150,9 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         start = time.perf_counter()
         if step == tracked_step:
             with probe.track(model, optimizer):
-                loss = train_step(model, spec, optimizer, plan, inputs, targets)
+                loss = train_step(model, spec, optimizer, plan, inputs, targets, device)
         else:
-            loss = train_step(model, spec, optimizer, plan, inputs, targets)
+            loss = train_step(model, spec, optimizer, plan, inputs, targets, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
