@@ -3,18 +3,19 @@
 What each kind runs, on torch.distributed's own machinery, and what it keeps on every dp rank between steps
 (the cost model prices exactly this):
 
-- `ddp`: `torch.distributed._composable.replicate_with_fsdp.replicate`, FSDP2's replicate-only mode. Parameters,
-  gradients and AdamW states are whole on every dp rank; gradients are all-reduced in backward, one bucket per
-  chain layer. It keeps parameters as DTensors (`Replicate()` on dp), so it composes with DTensor tensor
-  parallelism, and takes the same `MixedPrecisionPolicy` and `set_requires_gradient_sync` as `fully_shard`.
-- `zero1`: `torch.nn.parallel.DistributedDataParallel` (gradients all-reduced, whole on every rank) plus
-  `torch.distributed.optim.ZeroRedundancyOptimizer` (each rank keeps AdamW states for ~1/dp of the parameters,
-  updates those, and broadcasts them). ZeroRedundancyOptimizer broadcasts with `c10d.broadcast_`, which DTensor
-  has no sharding rule for, so with tensor parallelism DDP is given `device_mesh=mesh["dp"]`, which turns
-  DTensor parameters into local tensors outside the forward (`tensor.parallel.ddp._pre_dp_module_transform`);
-  parameters and gradients of tensor-parallel layers are then plain local shards tagged with `_st_info`.
-  Mixed precision: `torch.autocast` (fp32 parameters, compute in param_dtype) and a bf16/fp16 compression
-  communication hook when reduce_dtype asks for it.
+- `ddp`: `torch.nn.parallel.DistributedDataParallel` over mesh["dp"]. Parameters, gradients and AdamW states
+  are whole on every dp rank; gradients are all-reduced in buckets during backward. With tensor parallelism
+  DDP is given `device_mesh=mesh["dp"]`, which turns DTensor parameters into local tensors outside the forward
+  (`tensor.parallel.ddp._pre_dp_module_transform`, DDP's own 2-D path); parameters and gradients of
+  tensor-parallel layers are then plain local shards tagged with `_st_info`. (FSDP2's replicate-only mode,
+  `_composable.replicate_with_fsdp.replicate`, also runs, but holds a second, "unsharded" copy of every
+  parameter during forward and backward: 1.85x the parameter bytes of DDP, measured with MemTracker.)
+  Mixed precision: `torch.autocast` in param_dtype over fp32 parameters; reduce_dtype other than float32 is
+  DDP's bf16/fp16 compression communication hook (NCCL only).
+- `zero1`: the same DDP plus `torch.distributed.optim.ZeroRedundancyOptimizer` over dp: each rank keeps AdamW
+  states for ~1/dp of the parameters (whole tensors, greedily balanced), updates those and broadcasts them.
+  (ZeroRedundancyOptimizer broadcasts with `c10d.broadcast_`, which DTensor has no sharding rule for: one
+  more reason for DDP's local-tensor path under tensor parallelism.)
 - `zero2`: FSDP2 `fully_shard(reshard_after_forward=False)` per chain layer. Between steps parameters, gradients
   and AdamW states are sharded 1/shard; in forward each layer's parameters are all-gathered once and stay
   gathered until its backward is done (no second all-gather), so from a layer's forward to its backward the
@@ -29,7 +30,7 @@ What each kind runs, on torch.distributed's own machinery, and what it keeps on 
   zero1 with replicate > 1 is refused (ZeroRedundancyOptimizer shards over one process group only).
 - `offload` (zero3): FSDP2 `CPUOffloadPolicy`: sharded parameters, gradients and AdamW states live on the host,
   the optimizer steps on the CPU (`pin_memory` only on CUDA).
-- Mixed precision for ddp/zero2/zero3: `MixedPrecisionPolicy(param_dtype, reduce_dtype)`: sharded fp32 master
+- Mixed precision for zero2/zero3: `MixedPrecisionPolicy(param_dtype, reduce_dtype)`: sharded fp32 master
   parameters are cast to param_dtype when gathered, gradients are reduced in reduce_dtype and kept fp32.
 """
 
@@ -44,8 +45,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from planner.plan import Plan
 
-FSDP_KINDS = ("ddp", "zero2", "zero3")
-"""Kinds run by FSDP2 (`replicate` or `fully_shard`); zero1 runs DDP + ZeroRedundancyOptimizer."""
+DDP_KINDS = ("ddp", "zero1")
+"""Kinds run by DistributedDataParallel; zero2 and zero3 run FSDP2 `fully_shard`."""
 
 
 def data_parallel_mesh(plan: Plan, mesh: DeviceMesh) -> DeviceMesh:
@@ -95,31 +96,27 @@ def check_data_parallel_supported(plan: Plan) -> list[str]:
     if dpp.kind == "zero1" and dpp.replicate > 1:
         missing.append("zero1 with data_parallel.replicate > 1 (ZeroRedundancyOptimizer shards over one group; "
                        "use zero2 or zero3 for HSDP)")
-    if dpp.kind == "zero1" and plan.precision.reduce_dtype != "float32" \
-            and plan.precision.reduce_dtype != plan.precision.param_dtype:
-        missing.append(f"zero1 with reduce_dtype {plan.precision.reduce_dtype} different from param_dtype "
-                       f"{plan.precision.param_dtype} (DDP compresses gradients to the compute dtype only)")
+    if dpp.kind in DDP_KINDS and plan.precision.reduce_dtype != "float32":
+        if plan.precision.reduce_dtype != plan.precision.param_dtype:
+            missing.append(f"{dpp.kind} with reduce_dtype {plan.precision.reduce_dtype} different from param_dtype "
+                           f"{plan.precision.param_dtype} (DDP compresses gradients to the compute dtype only)")
+        elif plan.cluster.get("backend") != "nccl":
+            missing.append(f"{dpp.kind} with reduce_dtype {plan.precision.reduce_dtype} on gloo (DDP's gradient "
+                           "compression hooks need NCCL); use reduce_dtype float32")
     return missing
 
 
 def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     """Wrap `model` (already tensor-parallel and checkpointed) for data parallelism; returns the model to train.
 
-    zero1 returns a `DistributedDataParallel` wrapper (parameter names gain a `module.` prefix); the other
-    kinds shard in place and return `model`.
+    ddp and zero1 return a `DistributedDataParallel` wrapper (parameter names gain a `module.` prefix);
+    zero2 and zero3 shard in place and return `model`.
     """
     kind = plan.data_parallel.kind
-    if kind == "zero1":
-        return _apply_ddp_for_zero1(model, plan, mesh)
+    if kind in DDP_KINDS:
+        return _apply_ddp(model, plan, mesh)
     dp_mesh = data_parallel_mesh(plan, mesh)
     mp_policy = mixed_precision_policy(plan)
-    if kind == "ddp":
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-
-        for module in _layers_with_parameters(model, plan):
-            replicate(module, mesh=dp_mesh, mp_policy=mp_policy)
-        replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
-        return model
     reshard = False if kind == "zero2" else plan.data_parallel.reshard_after_forward
     offload = _offload_policy(plan, device)
     for module in _layers_with_parameters(model, plan):
@@ -129,7 +126,7 @@ def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: 
     return model
 
 
-def _apply_ddp_for_zero1(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
+def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
@@ -157,8 +154,8 @@ def build_optimizer(model: nn.Module, plan: Plan, mesh: DeviceMesh, learning_rat
 
 
 def autocast_context(plan: Plan, device: torch.device) -> contextlib.AbstractContextManager:
-    """zero1 computes in param_dtype under `torch.autocast` (fp32 weights); FSDP2 kinds cast via their policy."""
-    if plan.data_parallel.kind != "zero1" or plan.precision.param_dtype == "float32":
+    """ddp/zero1 compute in param_dtype under `torch.autocast` (fp32 weights); FSDP2 kinds cast via their policy."""
+    if plan.data_parallel.kind not in DDP_KINDS or plan.precision.param_dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_torch_dtype(plan.precision.param_dtype))
 
@@ -167,9 +164,9 @@ def set_gradient_sync(model: nn.Module, plan: Plan, enabled: bool) -> None:
     """Turn the gradient all-reduce / reduce-scatter of the next backward on or off (gradient accumulation).
 
     FSDP2 kinds: `set_requires_gradient_sync` (unsharded gradients accumulate locally until the last
-    micro-batch). zero1: DDP's `require_backward_grad_sync`, the flag `no_sync()` toggles.
+    micro-batch). ddp/zero1: DDP's `require_backward_grad_sync`, the flag `no_sync()` toggles.
     """
-    if plan.data_parallel.kind == "zero1":
+    if plan.data_parallel.kind in DDP_KINDS:
         model.require_backward_grad_sync = enabled
     else:
         model.set_requires_gradient_sync(enabled)

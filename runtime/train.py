@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,13 +94,13 @@ def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch
     return inputs, targets.chunk(dp)[dp_rank].to(device)
 
 
-def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targets,
-                     device: torch.device) -> torch.Tensor:
+def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targets, device: torch.device,
+                     next_microbatch: Callable[[], None] | None = None) -> torch.Tensor:
     """Forward and backward of this rank's batch in `plan.pipeline.num_microbatches` micro-batches (pp = 1).
 
     Each micro-batch loss is divided by the number of micro-batches, so the accumulated gradient is the
     gradient of the batch mean; gradient sync runs on the last micro-batch only. Returns the local batch loss
-    (detached).
+    (detached). `next_microbatch` runs before every micro-batch after the first (the memory probe's reset).
     """
     count = plan.pipeline.num_microbatches
     if targets.shape[0] % count:
@@ -111,6 +112,8 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
     for index in range(count):
         if count > 1:
             set_gradient_sync(model, plan, index == count - 1)
+        if index > 0 and next_microbatch is not None:
+            next_microbatch()
         with forward_context(plan), autocast_context(plan, device):
             loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
         (loss / count).backward()
@@ -120,9 +123,9 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
 
 
 def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer, plan: Plan, inputs,
-               targets, device: torch.device) -> torch.Tensor:
+               targets, device: torch.device, next_microbatch: Callable[[], None] | None = None) -> torch.Tensor:
     """One forward/backward/AdamW step; returns the local loss (detached)."""
-    loss = forward_backward(model, spec, plan, inputs, targets, device)
+    loss = forward_backward(model, spec, plan, inputs, targets, device, next_microbatch)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -149,8 +152,8 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         dist.barrier()
         start = time.perf_counter()
         if step == tracked_step:
-            with probe.track(model, optimizer):
-                loss = train_step(model, spec, optimizer, plan, inputs, targets, device)
+            with probe.track(model, optimizer) as next_microbatch:
+                loss = train_step(model, spec, optimizer, plan, inputs, targets, device, next_microbatch)
         else:
             loss = train_step(model, spec, optimizer, plan, inputs, targets, device)
         if device.type == "cuda":

@@ -1,6 +1,7 @@
 """Run under torchrun: train each given plan with the runtime's own step (`runtime.train.forward_backward`, then
 the runtime's optimizer) and, in the same process, an unsharded single-process reference from the same seed;
-write the largest differences (loss, gradients, parameters) per plan as JSON.
+write the largest differences (loss, gradients, parameters) per plan as JSON, with rank 0's peak memory
+of the second step's forward and backward (MemTracker, by category).
 
     torchrun --nproc-per-node=4 tests/parity_worker.py out.json STEPS DTYPE plan1.yaml [plan2.yaml ...]
 
@@ -9,6 +10,8 @@ Several plans share one launch because starting the processes costs more than a 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import sys
 from pathlib import Path
@@ -19,7 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
-from runtime.data_parallel import build_optimizer
+from runtime.data_parallel import DDP_KINDS, build_optimizer
+from runtime.measure import PeakMemoryProbe
 from runtime.train import build_mesh, build_parallel_model, device_for, forward_backward, local_batch
 
 
@@ -41,6 +45,38 @@ def model_parameters(model: torch.nn.Module):
         yield name.removeprefix("module."), p
 
 
+def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor:
+    """The single-process reference: the global batch in one go, or, under mixed precision, the same
+    low-precision semantics as the runtime on each dp rank's slice with gradients averaged in fp32.
+
+    ddp and zero1 run the fp32 model under `torch.autocast`; the FSDP2 kinds run a copy of the model cast to
+    param_dtype (what `MixedPrecisionPolicy` all-gathers) and reduce its gradients in fp32.
+    """
+    inputs, targets = reference.make_batch(reference.global_batch_size, step)
+    if plan.precision.param_dtype == "float32":  # full precision: the default dtype (float64 tests too)
+        loss = reference.loss_fn(reference.model(*inputs), targets)
+        loss.backward()
+        return loss.detach()
+    param_dtype = getattr(torch, plan.precision.param_dtype)
+    dp = plan.mesh.dp
+    losses = []
+    for index in range(dp):
+        shard_inputs = tuple(t.chunk(dp)[index] for t in inputs)
+        if plan.data_parallel.kind in DDP_KINDS:
+            with torch.autocast("cpu", dtype=param_dtype):
+                loss = reference.loss_fn(reference.model(*shard_inputs), targets.chunk(dp)[index])
+            (loss / dp).backward()
+        else:
+            low = copy.deepcopy(reference.model).to(param_dtype)
+            loss = reference.loss_fn(low(*shard_inputs), targets.chunk(dp)[index])
+            loss.backward()
+            for p, p_low in zip(reference.model.parameters(), low.parameters(), strict=True):
+                grad = p_low.grad.to(p.dtype) / dp
+                p.grad = grad if p.grad is None else p.grad + grad
+        losses.append(loss.detach().float())
+    return torch.stack(losses).mean()
+
+
 def run_plan(plan_path: str, steps: int) -> dict:
     plan = Plan.load(plan_path)
     device = device_for(plan)
@@ -53,16 +89,16 @@ def run_plan(plan_path: str, steps: int) -> dict:
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     dp_rank = mesh["dp"].get_local_rank()
+    probe = PeakMemoryProbe(device)
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     worst_names = {"grad": "", "param": ""}
     losses = []
     ref_params = dict(reference.model.named_parameters())
     for step in range(steps):
         inputs, targets = local_batch(spec, step, dp_rank, plan.mesh.dp, device)
-        global_loss = forward_backward(model, spec, plan, inputs, targets, device)
-        ref_inputs, ref_targets = reference.make_batch(spec.global_batch_size, step)
-        ref_loss = reference.loss_fn(reference.model(*ref_inputs), ref_targets)
-        ref_loss.backward()
+        with probe.track(model, opt) if step == 1 else contextlib.nullcontext(None) as next_microbatch:
+            global_loss = forward_backward(model, spec, plan, inputs, targets, device, next_microbatch)
+        ref_loss = reference_forward_backward(reference, plan, step)
         dist.all_reduce(global_loss, group=mesh["dp"].get_group())
         global_loss /= plan.mesh.dp
         losses.append((global_loss.item(), ref_loss.item()))
@@ -79,7 +115,8 @@ def run_plan(plan_path: str, steps: int) -> dict:
         diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
-    return {"worst": worst, "where": worst_names, "losses": losses}
+    return {"worst": worst, "where": worst_names, "losses": losses,
+            "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
 
 def main() -> None:
