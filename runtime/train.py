@@ -43,6 +43,10 @@ class RankResult:
     """Wall time of each timed step (the warm-up step and the memory-tracked step are not timed)."""
     peak_memory_bytes: int
     memory_breakdown_bytes: dict[str, int] = field(default_factory=dict)
+    every_step_time_s: list[float] = field(default_factory=list)
+    """Wall time of every step, warm-up and memory-tracked (slowed by MemTracker on CPU) steps included."""
+    tracked_step: int = -1
+    """The step whose peak memory was measured."""
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -146,7 +150,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = 1 if steps >= 3 else steps - 1
-    losses, times = [], []
+    losses, times, every_time = [], [], []
     for step in range(steps):
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
         dist.barrier()
@@ -159,13 +163,15 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
+        every_time.append(elapsed)
         if step != tracked_step and (step > 0 or steps == 1):
             times.append(elapsed)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
     return RankResult(rank=dist.get_rank(), losses=losses, step_times_s=times,
                       peak_memory_bytes=probe.result.peak_bytes,
-                      memory_breakdown_bytes=probe.result.breakdown_bytes)
+                      memory_breakdown_bytes=probe.result.breakdown_bytes, every_step_time_s=every_time,
+                      tracked_step=tracked_step)
 
 
 def median_step_time_s(result: RankResult) -> float:
