@@ -1,4 +1,5 @@
-"""Numerics parity and memory effect of the data-parallel kinds and per-layer memory techniques, 4 gloo ranks.
+"""Numerics parity and memory effect of the data-parallel kinds and per-layer memory techniques on 4 gloo ranks
+(HSDP 2 x 2 with tp 2 on 8).
 
 Each group of plans shares one torchrun launch (tests/parity_worker.py runs them one after the other with the
 runtime's own `forward_backward` and optimizer); every plan runs 4 AdamW steps beside a single-process
@@ -28,8 +29,8 @@ BF16 = {"loss": 1e-5, "grad": 1e-5, "param": 1e-5}
 
 def make_plan(mesh, kind="zero3", replicate=1, reshard_after_forward=True, offload=False, param_dtype="float32",
               num_microbatches=1, checkpoint="none", offload_activations=False):
-    """A GPT plan for 4 CPU ranks, edited as a person would edit the YAML."""
-    plan_obj = plan(GPT, "cpu", 4, mesh=mesh)
+    """A GPT plan for pp x dp x tp CPU ranks, edited as a person would edit the YAML."""
+    plan_obj = plan(GPT, "cpu", mesh[0] * mesh[1] * mesh[2], mesh=mesh)
     if mesh[2] > 1:
         plan_obj = force_tensor_parallel(plan_obj)
     dpp = plan_obj.data_parallel
@@ -43,7 +44,7 @@ def make_plan(mesh, kind="zero3", replicate=1, reshard_after_forward=True, offlo
     return plan_obj
 
 
-DP4, DP2_TP2 = (1, 4, 1), (1, 2, 2)
+DP4, DP2_TP2, DP4_TP2 = (1, 4, 1), (1, 2, 2), (1, 4, 2)
 GROUPS = {
     "dp4": ("float64", {
         "ddp": dict(mesh=DP4, kind="ddp"),
@@ -65,6 +66,10 @@ GROUPS = {
         "zero1": dict(mesh=DP2_TP2, kind="zero1"),
         "zero2": dict(mesh=DP2_TP2, kind="zero2"),
         "zero3_accumulate": dict(mesh=DP2_TP2, num_microbatches=2),
+    }),
+    "hsdp_tp": ("float64", {
+        "zero3": dict(mesh=DP4_TP2, replicate=2),
+        "zero2": dict(mesh=DP4_TP2, kind="zero2", replicate=2),
     }),
     "bf16": ("float32", {
         "zero3": dict(mesh=DP4, param_dtype="bfloat16"),
@@ -125,8 +130,11 @@ def test_zero2_keeps_parameters_gathered(group_results):
     assert memory(group_results, "dp4", "zero3_keep_params")["Parameter"] > 1.5 * zero3
 
 
-def test_accumulation_halves_activations(group_results):
-    """Two micro-batches per step: each forward holds half the batch's activations."""
-    whole = memory(group_results, "dp2xtp2", "zero3")["Activation"]
-    halves = memory(group_results, "dp2xtp2", "zero3_accumulate")["Activation"]
-    assert halves < 0.6 * whole, (halves, whole)
+def test_accumulation_halves_activations_and_defers_gradient_sync(group_results):
+    """Two micro-batches per step: each forward holds half the batch's activations, and between them FSDP2 keeps
+    unsharded gradients (sync off), more than the sharded gradients could take: AdamW's two states per
+    parameter make the sharded parameter (= sharded gradient) bytes Optstate / 2."""
+    whole = memory(group_results, "dp2xtp2", "zero3")
+    halves = memory(group_results, "dp2xtp2", "zero3_accumulate")
+    assert halves["Activation"] < 0.6 * whole["Activation"], (halves, whole)
+    assert halves["Gradient"] > 1.4 * halves["Optstate"] / 2, halves
