@@ -12,8 +12,10 @@ What each kind runs, on torch.distributed's own machinery, and what it keeps on 
   parameter during forward and backward: 1.85x the parameter bytes of DDP, measured with MemTracker.)
   Mixed precision: `torch.autocast` in param_dtype over fp32 parameters; reduce_dtype other than float32 is
   DDP's bf16/fp16 compression communication hook (NCCL only).
-- `zero1`: the same DDP plus `torch.distributed.optim.ZeroRedundancyOptimizer` over dp: each rank keeps AdamW
-  states for ~1/dp of the parameters (whole tensors, greedily balanced), updates those and broadcasts them.
+- `zero1`: the same DDP plus `torch.distributed.optim.ZeroRedundancyOptimizer`: each rank keeps AdamW states for
+  ~1/shard of the parameters (whole tensors, greedily balanced), updates those and broadcasts them within its
+  shard group. With HSDP (replicate > 1) DDP still all-reduces over all of dp and ZeroRedundancyOptimizer
+  shards over the dp_shard group only: every replica group computes the same update.
   (ZeroRedundancyOptimizer broadcasts with `c10d.broadcast_`, which DTensor has no sharding rule for: one
   more reason for DDP's local-tensor path under tensor parallelism.)
 - `zero2`: FSDP2 `fully_shard(reshard_after_forward=False)` per chain layer. Between steps parameters, gradients
@@ -27,7 +29,7 @@ What each kind runs, on torch.distributed's own machinery, and what it keeps on 
   freed after each layer's forward and all-gathered again in backward when True.
 - HSDP (`replicate` > 1, zero2/zero3): `fully_shard` on a 2-D (dp_replicate, dp_shard) mesh made by
   `DeviceMesh._unflatten` of the dp axis: sharded inside groups of dp / replicate ranks, all-reduced across them.
-  zero1 with replicate > 1 is refused (ZeroRedundancyOptimizer shards over one process group only).
+  zero1 with replicate > 1: see zero1.
 - `offload` (zero3): FSDP2 `CPUOffloadPolicy`: sharded parameters, gradients and AdamW states live on the host,
   the optimizer steps on the CPU (`pin_memory` only on CUDA).
 - Mixed precision for zero2/zero3: `MixedPrecisionPolicy(param_dtype, reduce_dtype)`: sharded fp32 master
@@ -93,9 +95,6 @@ def check_data_parallel_supported(plan: Plan) -> list[str]:
     """Plan data-parallel settings this module cannot run, as readable reasons (empty when all is fine)."""
     dpp = plan.data_parallel
     missing = []
-    if dpp.kind == "zero1" and dpp.replicate > 1:
-        missing.append("zero1 with data_parallel.replicate > 1 (ZeroRedundancyOptimizer shards over one group; "
-                       "use zero2 or zero3 for HSDP)")
     if dpp.kind in DDP_KINDS and plan.precision.reduce_dtype != "float32":
         if plan.precision.reduce_dtype != plan.precision.param_dtype:
             missing.append(f"{dpp.kind} with reduce_dtype {plan.precision.reduce_dtype} different from param_dtype "
@@ -144,12 +143,15 @@ def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, plan: Plan, mesh: DeviceMesh, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW over the model's (sharded) parameters; for zero1 wrapped in ZeroRedundancyOptimizer over dp."""
+    """AdamW over the model's (sharded) parameters; for zero1 wrapped in ZeroRedundancyOptimizer over the dp
+    shard group (all of dp without HSDP)."""
     if plan.data_parallel.kind == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        dp_mesh = data_parallel_mesh(plan, mesh)
+        shard_group = dp_mesh.get_group() if dp_mesh.ndim == 1 else dp_mesh["dp_shard"].get_group()
         return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
-                                       process_group=mesh["dp"].get_group(), lr=learning_rate)
+                                       process_group=shard_group, lr=learning_rate)
     return torch.optim.AdamW(model.parameters(), lr=learning_rate)
 
 

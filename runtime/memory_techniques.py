@@ -9,9 +9,11 @@ keep module names unchanged, so plans, state dicts and parity checks keep their 
   outputs of matmuls and attention kernels (`SAVED_OPS`) are saved, every other op (norms, activations,
   element-wise, views) is recomputed in backward. Cheap ops are recomputed, expensive ones are not.
 - `offload_activations`: `torch.autograd.graph.save_on_cpu` is active during the layer's forward, so every
-  tensor autograd saves there waits on the host until backward (`pin_memory` only on CUDA). Refused together
-  with checkpointing on the same layer: a checkpointed layer saves nothing through autograd's saved-tensor
-  hooks (non-reentrant checkpoint keeps its inputs by reference), so offload would move nothing.
+  tensor autograd saves there waits on the host until backward (`pin_memory` only on CUDA). With checkpointing
+  on the same layer, `save_on_cpu` is entered first (outside the checkpoint), so what checkpointing keeps goes
+  to the host: `full` saves the layer inputs through autograd (`_NoopSaveInputs`), which are offloaded;
+  `selective` also keeps matmul outputs in its own cache, which stay on the device. The recomputation in
+  backward calls the layer again; the offload hook stays out of it (it would capture the recomputed tensors).
 """
 
 from __future__ import annotations
@@ -63,13 +65,6 @@ def _checkpoint_contexts(plan: Plan, selective: bool):
     return forward_ctx, _recompute_context(plan, recompute_ctx)
 
 
-def check_memory_techniques_supported(plan: Plan) -> list[str]:
-    """Per-layer settings this module cannot run, as readable reasons (empty when all is fine)."""
-    return [f"layer {layer.path}: checkpoint={layer.checkpoint} together with offload_activations (a "
-            "checkpointed layer keeps only its inputs, so there is nothing to offload; choose one)"
-            for layer in plan.layers if layer.checkpoint != "none" and layer.offload_activations]
-
-
 def apply_activation_checkpointing(model: nn.Module, plan: Plan) -> None:
     """Checkpoint every layer whose plan says `full` or `selective` (module hooks; names are unchanged)."""
     from torch.distributed._composable import checkpoint
@@ -83,18 +78,24 @@ def apply_activation_checkpointing(model: nn.Module, plan: Plan) -> None:
 
 
 def apply_activation_offload(model: nn.Module, plan: Plan, device: torch.device) -> None:
-    """Run the forward of every `offload_activations` layer inside `save_on_cpu` (entered by a pre-hook)."""
+    """Run the forward of every `offload_activations` layer inside `save_on_cpu` (entered by a pre-hook).
+
+    Call after `apply_activation_checkpointing`: the offload pre-hook is prepended, so it runs first."""
     for layer in plan.layers:
         if not layer.offload_activations:
             continue
         module = model.get_submodule(layer.path) if layer.path else model
         stack = contextlib.ExitStack()
-        module.register_forward_pre_hook(functools.partial(_enter_save_on_cpu, stack, device.type == "cuda"),
-                                         prepend=True)
+        enter = functools.partial(_enter_save_on_cpu, stack, device.type == "cuda", layer.checkpoint != "none")
+        module.register_forward_pre_hook(enter, prepend=True)
         module.register_forward_hook(functools.partial(_exit_save_on_cpu, stack), always_call=True)
 
 
-def _enter_save_on_cpu(stack: contextlib.ExitStack, pin_memory: bool, module, args) -> None:
+def _enter_save_on_cpu(stack: contextlib.ExitStack, pin_memory: bool, checkpointed: bool, module, args) -> None:
+    from torch.distributed._composable import checkpoint
+
+    if checkpointed and not checkpoint.state(module).enable_hook:
+        return  # the checkpoint's recomputation in backward (it disables its own hooks while it runs)
     stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=pin_memory))
 
 

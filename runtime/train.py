@@ -24,11 +24,7 @@ from runtime.data_parallel import (
     set_gradient_sync,
 )
 from runtime.measure import PeakMemoryProbe
-from runtime.memory_techniques import (
-    apply_activation_checkpointing,
-    apply_activation_offload,
-    check_memory_techniques_supported,
-)
+from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 
 
@@ -64,7 +60,6 @@ def check_runtime_supports(plan: Plan) -> None:
     if plan.mesh.pp > 1:
         missing.append(f"pipeline parallelism (pp={plan.mesh.pp})")
     missing += check_data_parallel_supported(plan)
-    missing += check_memory_techniques_supported(plan)
     for layer in plan.layers:
         if layer.sequence_parallel:
             missing.append(f"layer {layer.path}: sequence_parallel")

@@ -18,14 +18,11 @@ def base_plan():
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda p: setattr(p.data_parallel, "replicate", 2) or setattr(p.data_parallel, "kind", "zero1"),
-     "zero1 with data_parallel.replicate > 1"),
     (lambda p: setattr(p.data_parallel, "kind", "zero1") or setattr(p.precision, "param_dtype", "bfloat16")
      or setattr(p.precision, "reduce_dtype", "bfloat16"), "gradient compression hooks need NCCL"),
     (lambda p: setattr(p.data_parallel, "kind", "ddp") or setattr(p.precision, "reduce_dtype", "float16"),
      "different from param_dtype"),
-    (lambda p: setattr(p.layers[1], "checkpoint", "full") or setattr(p.layers[1], "offload_activations", True),
-     "together with offload_activations"),
+    (lambda p: setattr(p.layers[1], "sequence_parallel", True), "sequence_parallel"),
 ])
 def test_refuses_what_it_cannot_run(base_plan, edit, message):
     plan_obj = copy_plan(base_plan)
@@ -41,7 +38,9 @@ def test_accepts_every_data_parallel_kind_with_techniques(base_plan, kind):
     plan_obj.precision.param_dtype = "bfloat16"
     plan_obj.pipeline.num_microbatches = 2
     plan_obj.layers[1].checkpoint = "selective"
+    plan_obj.layers[1].offload_activations = True
     plan_obj.layers[2].offload_activations = True
+    plan_obj.data_parallel.replicate = 1 if kind == "ddp" else 2
     check_runtime_supports(plan_obj)
 
 
