@@ -28,9 +28,10 @@ def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
 
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
-    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel."""
+    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel
+    (sequence-parallel layers are left to runtime/sequence_parallel.py)."""
     for layer in plan.layers:
-        if layer.strategy != "tensor":
+        if layer.strategy != "tensor" or layer.sequence_parallel:
             continue
         module = _submodule(model, layer.path, f"layer {layer.path}")
         styles = {}

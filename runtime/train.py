@@ -26,6 +26,7 @@ from runtime.data_parallel import (
 from runtime.measure import PeakMemoryProbe
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
+from runtime.sequence_parallel import apply_sequence_parallel
 
 
 @dataclass
@@ -60,9 +61,6 @@ def check_runtime_supports(plan: Plan) -> None:
     if plan.mesh.pp > 1:
         missing.append(f"pipeline parallelism (pp={plan.mesh.pp})")
     missing += check_data_parallel_supported(plan)
-    for layer in plan.layers:
-        if layer.sequence_parallel:
-            missing.append(f"layer {layer.path}: sequence_parallel")
     if missing:
         raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
 
@@ -77,10 +75,12 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
 
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
-    """Shard `spec.model` per the plan: tensor parallel over tp, activation checkpointing and offload per layer,
-    then data parallelism over dp. Returns the module to train (a DDP wrapper for zero1, else `spec.model`)."""
+    """Shard `spec.model` per the plan: tensor (and sequence) parallel over tp, activation checkpointing and
+    offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
+    zero1, else `spec.model`)."""
     device = mesh.device_type
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
+    apply_sequence_parallel(spec.model, plan, mesh["tp"])
     apply_activation_checkpointing(spec.model, plan)
     apply_activation_offload(spec.model, plan, torch.device(device))
     return apply_data_parallel(spec.model, plan, mesh, torch.device(device))

@@ -28,7 +28,7 @@ BF16 = {"loss": 1e-5, "grad": 1e-5, "param": 1e-5}
 
 
 def make_plan(mesh, kind="zero3", replicate=1, reshard_after_forward=True, offload=False, param_dtype="float32",
-              num_microbatches=1, checkpoint="none", offload_activations=False):
+              num_microbatches=1, checkpoint="none", offload_activations=False, sequence_parallel=False):
     """A GPT plan for pp x dp x tp CPU ranks, edited as a person would edit the YAML."""
     plan_obj = plan(GPT, "cpu", mesh[0] * mesh[1] * mesh[2], mesh=mesh)
     if mesh[2] > 1:
@@ -40,6 +40,7 @@ def make_plan(mesh, kind="zero3", replicate=1, reshard_after_forward=True, offlo
     for layer in plan_obj.layers:
         if layer.path.startswith("blocks."):
             layer.checkpoint, layer.offload_activations = checkpoint, offload_activations
+        layer.sequence_parallel = sequence_parallel and layer.strategy == "tensor"
     plan_obj.validate()
     return plan_obj
 
@@ -69,6 +70,9 @@ GROUPS = {
         "zero1": dict(mesh=DP2_TP2, kind="zero1"),
         "zero2": dict(mesh=DP2_TP2, kind="zero2"),
         "zero3_accumulate": dict(mesh=DP2_TP2, num_microbatches=2),
+        "sequence_parallel": dict(mesh=DP2_TP2, sequence_parallel=True),
+        "sequence_parallel_ddp_selective": dict(mesh=DP2_TP2, kind="ddp", sequence_parallel=True,
+                                                checkpoint="selective"),
     }),
     "hsdp_tp": ("float64", {
         "zero3": dict(mesh=DP4_TP2, replicate=2),
@@ -143,3 +147,9 @@ def test_accumulation_halves_activations_and_defers_gradient_sync(group_results)
     halves = memory(group_results, "dp2xtp2", "zero3_accumulate")
     assert halves["Activation"] < 0.6 * whole["Activation"], (halves, whole)
     assert halves["Gradient"] > 1.4 * halves["Optstate"] / 2, halves
+
+
+def test_sequence_parallel_shards_norm_and_residual_activations(group_results):
+    plain = memory(group_results, "dp2xtp2", "zero3")["Activation"]
+    sequence = memory(group_results, "dp2xtp2", "sequence_parallel")["Activation"]
+    assert sequence < 0.95 * plain, (sequence, plain)

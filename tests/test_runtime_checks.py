@@ -22,7 +22,6 @@ def base_plan():
      or setattr(p.precision, "reduce_dtype", "bfloat16"), "gradient compression hooks need NCCL"),
     (lambda p: setattr(p.data_parallel, "kind", "ddp") or setattr(p.precision, "reduce_dtype", "float16"),
      "different from param_dtype"),
-    (lambda p: setattr(p.layers[1], "sequence_parallel", True), "sequence_parallel"),
 ])
 def test_refuses_what_it_cannot_run(base_plan, edit, message):
     plan_obj = copy_plan(base_plan)
