@@ -130,10 +130,11 @@ def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     tensor_parallel = plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers)
+    # gradients live in DDP's all-reduce buckets instead of beside them: one gradient copy, as the cost model says
     if tensor_parallel:
-        wrapped = DistributedDataParallel(model, device_mesh=mesh["dp"])
+        wrapped = DistributedDataParallel(model, device_mesh=mesh["dp"], gradient_as_bucket_view=True)
     else:
-        wrapped = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+        wrapped = DistributedDataParallel(model, process_group=mesh["dp"].get_group(), gradient_as_bucket_view=True)
     reduce = plan.precision.reduce_dtype
     if reduce == "bfloat16":
         wrapped.register_comm_hook(mesh["dp"].get_group(), default_hooks.bf16_compress_hook)
