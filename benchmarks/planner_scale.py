@@ -46,7 +46,8 @@ def main() -> None:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         p = result.predicted
         chosen = (f"pp{result.mesh.pp} dp{result.mesh.dp} tp{result.mesh.tp} {result.data_parallel.kind} "
-                  f"{result.pipeline.schedule} m={result.pipeline.num_microbatches}; step {p.step_time_ms / 1e3:.2f} s, "
+                  f"{result.pipeline.schedule} m={result.pipeline.num_microbatches}; "
+                  f"step {p.step_time_ms / 1e3:.2f} s, "
                   f"{p.peak_memory_mib / 1024:.1f} of {p.memory_limit_mib / 1024:.1f} GiB")
         median = statistics.median(times[1:]) if len(times) > 1 else float("nan")
         print(f"{name:<34}{times[0]:>10.2f}{median:>11.2f}{peak_gb:>14.2f}  {chosen}", flush=True)

@@ -1,33 +1,79 @@
 """meshplan cost model: cluster profiles and the time and memory formulas the planner prices plans with.
 
-    cluster.py        Cluster / LinkSpec profiles, YAML load and save, presets
-    presets/*.yaml    shipped cluster profiles (a100-80g, cpu)
+    cluster.py        Cluster / LinkSpec / EfficiencyCurve / OverlapSpec profiles, YAML load and save, presets
+    PROFILE.md        the profile YAML, field by field, with units
+    presets/*.yaml    shipped cluster profiles (a100-40g, a100-80g, h100, h200, l40s, cpu), sources inside
     dtypes.py         bytes per element by torch dtype name
-    compute.py        roofline op time, optimizer step time
-    communication.py  alpha-beta ring collectives and point-to-point
-    memory.py         parameters, gradients, optimizer states; ZeRO sharding
+    compute.py        roofline op time on efficiency curves, launch overhead, recompute, optimizer, offload copies
+    communication.py  alpha-beta collectives (one level, two levels across nodes), exposed time under overlap
+    memory.py         model states with ZeRO, transformer activations, pipeline in-flight and bubble, buffers
+    calibrate.py      `meshplan calibrate`: measure this machine and write a profile
 """
 
-from .cluster import Cluster, ClusterError, LinkSpec, list_presets, load_cluster, save_cluster
-from .communication import all_gather_time_s, all_reduce_time_s, point_to_point_time_s, reduce_scatter_time_s
-from .compute import dtype_bytes, op_time_s, optimizer_step_time_s
-from .memory import ModelStateBytes, model_state_bytes, sharded_model_state_bytes
+from .cluster import (
+    Cluster,
+    ClusterError,
+    EfficiencyCurve,
+    LinkSpec,
+    OverlapSpec,
+    list_presets,
+    load_cluster,
+    save_cluster,
+)
+from .communication import (
+    all_gather_time_s,
+    all_reduce_time_s,
+    all_to_all_time_s,
+    exposed_time_s,
+    point_to_point_time_s,
+    reduce_scatter_time_s,
+)
+from .compute import (
+    dtype_bytes,
+    host_transfer_time_s,
+    kernel_overhead_time_s,
+    op_time_s,
+    optimizer_bytes_per_param,
+    optimizer_step_time_s,
+    recompute_time_s,
+)
+from .memory import (
+    ModelStateBytes,
+    collective_buffer_bytes,
+    in_flight_microbatches,
+    model_state_bytes,
+    pipeline_bubble_fraction,
+    sharded_model_state_bytes,
+    transformer_layer_activation_bytes,
+)
 
 __all__ = [
     "Cluster",
     "ClusterError",
+    "EfficiencyCurve",
     "LinkSpec",
     "ModelStateBytes",
+    "OverlapSpec",
     "all_gather_time_s",
     "all_reduce_time_s",
+    "all_to_all_time_s",
+    "collective_buffer_bytes",
     "dtype_bytes",
+    "exposed_time_s",
+    "host_transfer_time_s",
+    "in_flight_microbatches",
+    "kernel_overhead_time_s",
     "list_presets",
     "load_cluster",
     "model_state_bytes",
     "op_time_s",
+    "optimizer_bytes_per_param",
     "optimizer_step_time_s",
+    "pipeline_bubble_fraction",
     "point_to_point_time_s",
+    "recompute_time_s",
     "reduce_scatter_time_s",
     "save_cluster",
     "sharded_model_state_bytes",
+    "transformer_layer_activation_bytes",
 ]

@@ -2,12 +2,18 @@
 
 Vocabulary: a *node* is one host; devices on the same node talk over the *intra-node* link (NVLink, or shared
 memory for CPU processes); devices on different nodes talk over the *inter-node* link (InfiniBand,
-Ethernet). Ranks are numbered node-major, as torchrun numbers them: rank r lives on node
-r // devices_per_node.
+Ethernet); the *host link* joins a device to its host's memory (PCIe / NVLink-C2C; offload uses it). Ranks
+are numbered node-major, as torchrun numbers them: rank r lives on node r // devices_per_node.
 
 In memory every number is in base units (bytes, seconds, FLOP/s, bytes/s) and the field name says which.
 The YAML form uses human units and its keys say them too (`device_memory_gib`, `peak_tflops`,
-`bandwidth_gb_per_s`, `latency_us`), with GB = 1e9 bytes and GiB = 2**30 bytes.
+`bandwidth_gb_per_s`, `latency_us`), with GB = 1e9 bytes and GiB = 2**30 bytes. costmodel/PROFILE.md lists
+every YAML field with its unit.
+
+Efficiency curves: achieved share of peak depends on problem size (a 64x64 matmul reaches a few percent of a
+GPU's peak, a 8192^3 one 70-80 %). A curve is a list of [size, efficiency] points (size in FLOPs for
+matmuls, in bytes moved for memory-bound ops), interpolated linearly in log10(size) and held flat beyond
+the first and last points. A single number is a flat curve (what schema version 1 profiles had).
 
 No hardware number lives in this file: presets are YAML files in `costmodel/presets/` (shipped as package
 data), and `meshplan calibrate` measures the machine it runs on and writes a profile. Only `yaml.safe_load`
@@ -20,17 +26,26 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from .dtypes import SUPPORTED_DTYPES
+from .dtypes import SUPPORTED_DTYPES, normalize_dtype_name
 
-SCHEMA_VERSION = 1
-"""The only cluster YAML schema version this code reads and the one it writes."""
+SCHEMA_VERSION = 2
+"""The cluster YAML schema version this code writes. Version 1 files (scalar `matmul_efficiency`, no curves,
+overlap, launch overhead or host link) are still read: see `Cluster.from_dict`."""
+
+READABLE_SCHEMA_VERSIONS = (1, 2)
+
+OVERLAP_KINDS = ("fsdp_all_gather", "gradient_reduction", "pipeline_p2p", "tensor_parallel")
+"""Communication kinds whose overlap with compute a profile states (0 = fully exposed, 1 = fully hidden)."""
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "point_to_point")
+LINK_LEVELS = ("intra_node", "inter_node")
 
 DEVICE_TYPES = ("cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
@@ -58,6 +73,8 @@ _REQUIRED_KEYS = (
     "inter_node",
 )
 _OPTIONAL_KEYS = ("description",)
+_V2_REQUIRED_KEYS = (*_REQUIRED_KEYS, "memory_efficiency", "kernel_overhead_us", "overlap")
+_V2_OPTIONAL_KEYS = ("description", "host_link", "collectives", "optimizer_tensor_overhead_us")
 
 
 class ClusterError(ValueError):
@@ -175,8 +192,68 @@ def _neighbours(value: float, steps: int) -> list[float]:
 
 
 @dataclass(frozen=True)
+class EfficiencyCurve:
+    """Achieved fraction of peak as a function of problem size, by piecewise-linear interpolation in log10(size).
+
+    `points` are (size, efficiency) pairs with strictly increasing size > 0 and efficiency in (0, 1]. Below the
+    first point the first efficiency holds, above the last the last one (no extrapolation). One point is a
+    flat curve. Size is FLOPs for matmul curves and bytes moved for memory-bound curves.
+    """
+
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "points", _check_curve("<EfficiencyCurve>", "points", self.points))
+
+    @classmethod
+    def flat(cls, efficiency: float) -> EfficiencyCurve:
+        """The same efficiency at every size (a v1 profile's scalar)."""
+        return cls(((1.0, efficiency),))
+
+    def at(self, size: float) -> float:
+        """Efficiency at `size` (FLOPs or bytes): log-linear between points, clamped outside them."""
+        points = self.points
+        if size <= points[0][0]:
+            return points[0][1]
+        if size >= points[-1][0]:
+            return points[-1][1]
+        x = math.log10(size)
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+            if size <= x1:
+                lx0, lx1 = math.log10(x0), math.log10(x1)
+                return y0 + (y1 - y0) * (x - lx0) / (lx1 - lx0)
+        return points[-1][1]  # unreachable: size < last point's size
+
+    def to_list(self) -> list[list[float]]:
+        return [[_plain(x), _plain(y)] for x, y in self.points]
+
+
+def _plain(value: float) -> float | int:
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)
+
+
+def _check_curve(source: str, field: str, value: object) -> tuple[tuple[float, float], ...]:
+    """A number (flat curve) or a non-empty list of [size, efficiency] pairs with increasing size."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ((1.0, _check_number(source, field, value, "fraction")),)
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail(source, field, "an efficiency in (0, 1] or a list of [size, efficiency] pairs", value)
+    points = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            _fail(source, f"{field}[{i}]", "a [size, efficiency] pair", pair)
+        size = _check_number(source, f"{field}[{i}][0]", pair[0])
+        efficiency = _check_number(source, f"{field}[{i}][1]", pair[1], "fraction")
+        if points and size <= points[-1][0]:
+            _fail(source, f"{field}[{i}][0]", f"larger than the previous size {points[-1][0]!r} "
+                  "(sort the points by size, no repeats)", pair[0])
+        points.append((size, efficiency))
+    return tuple(points)
+
+
+@dataclass(frozen=True)
 class LinkSpec:
-    """One link level (intra-node or inter-node) in the alpha-beta model: time = alpha + bytes / beta."""
+    """One link level (intra-node, inter-node, host) in the alpha-beta model: time = alpha + bytes / beta."""
 
     bandwidth_bytes_per_s: float
     """Bus bandwidth one device sees for collectives on this level (bytes/s), as nccl-tests reports `busbw`.
@@ -196,12 +273,38 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class OverlapSpec:
+    """Share of each kind of communication hidden behind compute, in [0, 1] (0 = fully exposed, 1 = hidden).
+
+    Applied by `costmodel.communication.exposed_time_s`: exposed = comm - fraction * min(comm, compute).
+    These are properties of the runtime and hardware together (separate copy engines / SMs for NCCL on GPUs;
+    one shared core pool for gloo on CPUs), so they live in the profile, not in code.
+    """
+
+    fsdp_all_gather: float = 0.0
+    """FSDP/ZeRO-3 parameter all-gathers prefetched while the previous layer computes."""
+    gradient_reduction: float = 0.0
+    """Gradient reduce-scatter / all-reduce (DDP buckets, FSDP) running while backward continues."""
+    pipeline_p2p: float = 0.0
+    """Pipeline activation/gradient sends between stages overlapping with the next micro-batch."""
+    tensor_parallel: float = 0.0
+    """Tensor-parallel all-reduces (Megatron f/g); usually 0: they sit on the critical path."""
+
+    def __post_init__(self) -> None:
+        for name in OVERLAP_KINDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                _fail("<OverlapSpec>", name, "a number in [0, 1]", value)
+            object.__setattr__(self, name, float(value))
+
+
+@dataclass(frozen=True)
 class Cluster:
     """A homogeneous cluster: `num_nodes` hosts with `devices_per_node` identical devices each.
 
-    Blind spots: one device type only; one bandwidth per link level (no topology inside a node, no
-    oversubscribed fabric, no contention between concurrent collectives); peak FLOP/s scaled by a single
-    matmul efficiency, which `calibrate` measures.
+    Blind spots: one device type only; one bandwidth per link level and collective (no topology inside a
+    node, no oversubscribed fabric, no contention between concurrent collectives); efficiency curves are
+    indexed by FLOPs or bytes alone (not by shape or layout); one fixed launch overhead per op.
     """
 
     name: str
@@ -230,20 +333,45 @@ class Cluster:
     """Peak FLOP/s of one device by torch dtype name ("float32", "bfloat16", ...); "float32" is required
     and is the fallback for dtypes not listed."""
 
-    matmul_efficiency: float
-    """Achieved fraction of peak for matmul-class ops, in (0, 1]."""
+    matmul_efficiency: dict[str, EfficiencyCurve]
+    """Achieved share of peak for matmul-class ops by dtype, as a curve over the op's FLOPs; "float32" is
+    required and is the fallback. A plain number (or a curve) given here is applied to every dtype."""
 
     memory_bandwidth_bytes_per_s: float
-    """Device memory bandwidth (bytes/s) that bounds memory-bound ops."""
+    """Device memory bandwidth (bytes/s, datasheet or measured copy) that bounds memory-bound ops."""
 
     intra_node: LinkSpec
     """Link between devices on one node."""
 
     inter_node: LinkSpec
-    """Link between devices on different nodes."""
+    """Link between devices on different nodes (per device: one NIC per GPU in the GPU presets)."""
 
     description: str = ""
     """Free text for people: what hardware this is and where the numbers come from. Not used in costs."""
+
+    memory_efficiency: EfficiencyCurve = EfficiencyCurve(((1.0, 1.0),))
+    """Achieved share of memory_bandwidth for memory-bound ops, as a curve over bytes moved by the op."""
+
+    kernel_overhead_s: float = 0.0
+    """Fixed time per aten op of a training step (seconds) on top of the roofline: kernel launch on GPUs,
+    dispatcher, autograd and nn.Module overhead everywhere. `calibrate` measures it as the time per op of an
+    eager forward + backward of tiny layers, where the arithmetic is negligible."""
+
+    optimizer_tensor_overhead_s: float = 0.0
+    """Fixed time per parameter tensor of the optimizer step (seconds), beyond its memory traffic: torch's
+    per-tensor loop (or foreach launches) over DTensor parameters as FSDP2 holds them. `calibrate` measures it
+    with AdamW on tiny sharded parameters. 0 when unknown."""
+
+    host_link: LinkSpec | None = None
+    """Device <-> host memory link (PCIe, NVLink-C2C) per device, for offload; None = unknown, and
+    `host_transfer_time_s` then refuses with the fix."""
+
+    collective_links: dict[str, dict[str, LinkSpec]] = field(default_factory=dict)
+    """Optional per-collective overrides: level ("intra_node"/"inter_node") -> collective name -> LinkSpec,
+    e.g. what calibrate fitted for all_gather alone. Missing entries use the level's LinkSpec."""
+
+    overlap: OverlapSpec = OverlapSpec()
+    """How much of each kind of communication hides behind compute."""
 
     def __post_init__(self) -> None:
         source = self.name if isinstance(self.name, str) and self.name else "<Cluster>"
@@ -254,25 +382,47 @@ class Cluster:
         _check_int(source, "num_nodes", self.num_nodes)
         _check_int(source, "devices_per_node", self.devices_per_node)
         _check_int(source, "device_memory_bytes", self.device_memory_bytes)
-        for field, kind in (("usable_memory_fraction", "fraction"), ("matmul_efficiency", "fraction"),
-                            ("memory_bandwidth_bytes_per_s", "positive")):
-            object.__setattr__(self, field, _check_number(source, field, getattr(self, field), kind))
+        for name, kind in (("usable_memory_fraction", "fraction"), ("memory_bandwidth_bytes_per_s", "positive"),
+                           ("kernel_overhead_s", "non-negative"), ("optimizer_tensor_overhead_s", "non-negative")):
+            object.__setattr__(self, name, _check_number(source, name, getattr(self, name), kind))
         peak = _check_mapping(source, "peak_flops_per_s", self.peak_flops_per_s)
         _check_peak_keys(source, "peak_flops_per_s", peak)
         # A private copy, so the frozen object cannot change through the caller's dict.
         peak = {k: _check_number(source, f"peak_flops_per_s.{k}", v) for k, v in peak.items()}
         object.__setattr__(self, "peak_flops_per_s", peak)
-        for field in ("intra_node", "inter_node"):
-            if not isinstance(getattr(self, field), LinkSpec):
-                _fail(source, field, "a LinkSpec", getattr(self, field))
+        object.__setattr__(self, "matmul_efficiency", _normalize_matmul_curves(source, self.matmul_efficiency))
+        if not isinstance(self.memory_efficiency, EfficiencyCurve):
+            object.__setattr__(self, "memory_efficiency", EfficiencyCurve(
+                _check_curve(source, "memory_efficiency", self.memory_efficiency)))
+        for name in ("intra_node", "inter_node"):
+            if not isinstance(getattr(self, name), LinkSpec):
+                _fail(source, name, "a LinkSpec", getattr(self, name))
+        if self.host_link is not None and not isinstance(self.host_link, LinkSpec):
+            _fail(source, "host_link", "a LinkSpec or None", self.host_link)
+        links = _check_mapping(source, "collective_links", self.collective_links)
+        copied: dict[str, dict[str, LinkSpec]] = {}
+        for level, table in links.items():
+            if level not in LINK_LEVELS:
+                _fail(source, f"collective_links.{level}", f"a level, one of {', '.join(LINK_LEVELS)}", level)
+            for collective, link in _check_mapping(source, f"collective_links.{level}", table).items():
+                if collective not in COLLECTIVES or not isinstance(link, LinkSpec):
+                    _fail(source, f"collective_links.{level}.{collective}",
+                          f"a LinkSpec under a collective name ({', '.join(COLLECTIVES)})", link)
+            copied[level] = dict(table)
+        object.__setattr__(self, "collective_links", copied)
+        if not isinstance(self.overlap, OverlapSpec):
+            _fail(source, "overlap", "an OverlapSpec", self.overlap)
         if not isinstance(self.description, str):
             _fail(source, "description", "a string", self.description)
 
-    def __hash__(self) -> int:  # the dict field would make the generated hash fail
+    def __hash__(self) -> int:  # the dict fields would make the generated hash fail
+        links = tuple(sorted((lv, tuple(sorted(t.items()))) for lv, t in self.collective_links.items()))
         return hash((self.name, self.device_type, self.backend, self.num_nodes, self.devices_per_node,
                      self.device_memory_bytes, self.usable_memory_fraction,
-                     tuple(sorted(self.peak_flops_per_s.items())), self.matmul_efficiency,
-                     self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description))
+                     tuple(sorted(self.peak_flops_per_s.items())), tuple(sorted(self.matmul_efficiency.items())),
+                     self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description,
+                     self.memory_efficiency, self.kernel_overhead_s, self.optimizer_tensor_overhead_s,
+                     self.host_link, links, self.overlap))
 
     @property
     def world_size(self) -> int:
@@ -283,6 +433,11 @@ class Cluster:
     def usable_memory_bytes(self) -> int:
         """Bytes per device the planner may fill: floor(device_memory_bytes * usable_memory_fraction)."""
         return int(self.device_memory_bytes * self.usable_memory_fraction)
+
+    def matmul_efficiency_at(self, flops: float, dtype: str = "float32") -> float:
+        """Matmul efficiency for an op of `flops` FLOPs in `dtype` (float32's curve when dtype has none)."""
+        curves = self.matmul_efficiency
+        return curves.get(normalize_dtype_name(dtype), curves["float32"]).at(flops)
 
     def for_world_size(self, world_size: int) -> Cluster:
         """A copy with num_nodes = ceil(world_size / devices_per_node).
@@ -306,19 +461,26 @@ class Cluster:
             )
         return rank // self.devices_per_node
 
-    def link_for(self, ranks: Sequence[int]) -> LinkSpec:
-        """intra_node when every rank of the group is on one node, else inter_node.
+    def link(self, level: str, collective: str | None = None) -> LinkSpec:
+        """The LinkSpec of `level` ("intra_node"/"inter_node"), or its override for `collective` if any."""
+        if level not in LINK_LEVELS:
+            raise ValueError(f"link level must be one of {', '.join(LINK_LEVELS)}, got {level!r}")
+        override = self.collective_links.get(level, {}).get(collective) if collective else None
+        return override or getattr(self, level)
 
-        Blind spot: a group spanning nodes is priced entirely at inter-node speed (no hierarchical
-        algorithm that reduces inside each node first).
+    def link_for(self, ranks: Sequence[int], collective: str | None = None) -> LinkSpec:
+        """intra_node when every rank of the group is on one node, else inter_node (the slowest level).
+
+        `collective` picks a per-collective override when the profile has one. Hierarchical pricing of
+        groups that span nodes lives in `costmodel.communication`, which uses `link` per level.
         """
         if len(ranks) == 0:
             raise ValueError("link_for needs at least one rank, got an empty group")
         nodes = {self.node_of(rank) for rank in ranks}
-        return self.intra_node if len(nodes) == 1 else self.inter_node
+        return self.link("intra_node" if len(nodes) == 1 else "inter_node", collective)
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML form: human units named in the keys, `schema_version` first. `from_dict` inverts it."""
+        """The YAML form (schema version 2): human units named in the keys. `from_dict` inverts it."""
         data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "name": self.name}
         if self.description:
             data["description"] = self.description
@@ -330,23 +492,41 @@ class Cluster:
             device_memory_gib=_to_human(self.device_memory_bytes, _GIB),
             usable_memory_fraction=self.usable_memory_fraction,
             peak_tflops={k: _to_human(v, _TERA) for k, v in self.peak_flops_per_s.items()},
-            matmul_efficiency=self.matmul_efficiency,
+            matmul_efficiency={k: c.to_list() for k, c in self.matmul_efficiency.items()},
             memory_bandwidth_gb_per_s=_to_human(self.memory_bandwidth_bytes_per_s, _GB),
+            memory_efficiency=self.memory_efficiency.to_list(),
+            kernel_overhead_us=_to_human(self.kernel_overhead_s, _US_PER_S, inverse=True),
+            optimizer_tensor_overhead_us=_to_human(self.optimizer_tensor_overhead_s, _US_PER_S, inverse=True),
             intra_node=_link_to_dict(self.intra_node),
             inter_node=_link_to_dict(self.inter_node),
         )
+        if self.host_link is not None:
+            data["host_link"] = _link_to_dict(self.host_link)
+        if self.collective_links:
+            data["collectives"] = {level: {c: _link_to_dict(link) for c, link in table.items()}
+                                   for level, table in self.collective_links.items()}
+        data["overlap"] = {name: getattr(self.overlap, name) for name in OVERLAP_KINDS}
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Cluster:
         """Build a Cluster from its YAML form, refusing unknown or missing keys, wrong types (bools are not
         numbers), non-positive sizes and fractions outside (0, 1]. Errors are ClusterError naming `source`
-        and the field."""
+        and the field.
+
+        Schema version 1 (the first profiles: scalar `matmul_efficiency`, none of memory_efficiency,
+        kernel_overhead_us, host_link, collectives, overlap) still loads: its scalar becomes a flat curve,
+        memory efficiency is 1, launch overhead 0, host link unknown and no overlap is assumed.
+        """
         data = _check_mapping(source, "<top level>", data)
-        _check_keys(source, "", data, _REQUIRED_KEYS, _OPTIONAL_KEYS)
-        version = data["schema_version"]
-        if isinstance(version, bool) or version != SCHEMA_VERSION:
-            _fail(source, "schema_version", f"{SCHEMA_VERSION} (the only version meshplan reads)", version)
+        version = data.get("schema_version")
+        if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+            _fail(source, "schema_version", f"one of {READABLE_SCHEMA_VERSIONS} (the versions meshplan reads; "
+                  f"it writes {SCHEMA_VERSION})", version)
+        if version == 1:
+            _check_keys(source, "", data, _REQUIRED_KEYS, _OPTIONAL_KEYS)
+        else:
+            _check_keys(source, "", data, _V2_REQUIRED_KEYS, _V2_OPTIONAL_KEYS)
         name = _check_text(source, "name", data["name"])
         description = data.get("description", "")
         if not isinstance(description, str):
@@ -360,6 +540,21 @@ class Cluster:
             _fail(source, "device_memory_gib", "at least one byte", data["device_memory_gib"])
         peak = _check_mapping(source, "peak_tflops", data["peak_tflops"])
         _check_peak_keys(source, "peak_tflops", peak)
+        extra: dict[str, Any] = {}
+        if version == 2:
+            extra = dict(
+                memory_efficiency=EfficiencyCurve(_check_curve(source, "memory_efficiency",
+                                                               data["memory_efficiency"])),
+                kernel_overhead_s=_to_base(_check_number(source, "kernel_overhead_us", data["kernel_overhead_us"],
+                                                         "non-negative"), _US_PER_S, inverse=True),
+                optimizer_tensor_overhead_s=_to_base(_check_number(
+                    source, "optimizer_tensor_overhead_us", data.get("optimizer_tensor_overhead_us", 0),
+                    "non-negative"), _US_PER_S, inverse=True),
+                overlap=_overlap_from_dict(source, data["overlap"]),
+                collective_links=_collectives_from_dict(source, data.get("collectives", {})),
+            )
+            if data.get("host_link") is not None:
+                extra["host_link"] = _link_from_dict(source, "host_link", data["host_link"])
         return cls(
             name=name,
             device_type=device_type,
@@ -373,16 +568,56 @@ class Cluster:
             peak_flops_per_s={
                 k: _to_base(_check_number(source, f"peak_tflops.{k}", v), _TERA) for k, v in peak.items()
             },
-            matmul_efficiency=_check_number(
-                source, "matmul_efficiency", data["matmul_efficiency"], "fraction"
-            ),
+            matmul_efficiency=_matmul_curves_from_dict(source, data["matmul_efficiency"]),
             memory_bandwidth_bytes_per_s=_to_base(
                 _check_number(source, "memory_bandwidth_gb_per_s", data["memory_bandwidth_gb_per_s"]), _GB
             ),
             intra_node=_link_from_dict(source, "intra_node", data["intra_node"]),
             inter_node=_link_from_dict(source, "inter_node", data["inter_node"]),
             description=description,
+            **extra,
         )
+
+
+def _normalize_matmul_curves(source: str, value: object) -> dict[str, EfficiencyCurve]:
+    """A number, an EfficiencyCurve or a list of points (one curve for every dtype), or dtype -> any of those."""
+    if isinstance(value, EfficiencyCurve):
+        return {"float32": value}
+    if not isinstance(value, Mapping):
+        return {"float32": EfficiencyCurve(_check_curve(source, "matmul_efficiency", value))}
+    _check_peak_keys(source, "matmul_efficiency", value)
+    return {k: v if isinstance(v, EfficiencyCurve) else EfficiencyCurve(_check_curve(
+        source, f"matmul_efficiency.{k}", v)) for k, v in value.items()}
+
+
+def _matmul_curves_from_dict(source: str, value: object) -> dict[str, EfficiencyCurve]:
+    if isinstance(value, Mapping):
+        _check_peak_keys(source, "matmul_efficiency", value)
+        return {k: EfficiencyCurve(_check_curve(source, f"matmul_efficiency.{k}", v)) for k, v in value.items()}
+    return {"float32": EfficiencyCurve(_check_curve(source, "matmul_efficiency", value))}
+
+
+def _overlap_from_dict(source: str, value: object) -> OverlapSpec:
+    data = _check_mapping(source, "overlap", value)
+    _check_keys(source, "overlap.", data, OVERLAP_KINDS)
+    fractions = {}
+    for name in OVERLAP_KINDS:
+        number = data[name]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= 1:
+            _fail(source, f"overlap.{name}", "a number in [0, 1] (0 = no overlap, 1 = fully hidden)", number)
+        fractions[name] = float(number)
+    return OverlapSpec(**fractions)
+
+
+def _collectives_from_dict(source: str, value: object) -> dict[str, dict[str, LinkSpec]]:
+    data = _check_mapping(source, "collectives", value)
+    _check_keys(source, "collectives.", data, (), LINK_LEVELS)
+    result = {}
+    for level, table in data.items():
+        table = _check_mapping(source, f"collectives.{level}", table)
+        _check_keys(source, f"collectives.{level}.", table, (), COLLECTIVES)
+        result[level] = {c: _link_from_dict(source, f"collectives.{level}.{c}", link) for c, link in table.items()}
+    return result
 
 
 def _link_to_dict(link: LinkSpec) -> dict[str, float | int]:

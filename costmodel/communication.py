@@ -1,28 +1,49 @@
-"""Time of collectives and point-to-point sends, by the alpha-beta model with ring algorithms.
+"""Time of collectives and point-to-point sends by the alpha-beta model, and how much of it is exposed.
 
-For a group of n ranks on link (alpha = latency_s, B = bandwidth_bytes_per_s, the bus bandwidth one device
-sees, as nccl-tests reports `busbw`):
+Within one link level, for a group of n ranks (alpha = latency_s, B = bandwidth_bytes_per_s, the bus
+bandwidth one device sees, as nccl-tests reports `busbw`), ring algorithms give:
 
     all_reduce      2(n-1) * alpha + 2(n-1)/n * message_bytes / B
     all_gather       (n-1) * alpha +  (n-1)/n * output_bytes  / B   (output = the full gathered tensor)
     reduce_scatter   (n-1) * alpha +  (n-1)/n * input_bytes   / B   (input  = the full unreduced tensor)
+    all_to_all       (n-1) * alpha +  (n-1)/n * message_bytes / B   (pairwise exchange; message = one rank's
+                                                                    whole send buffer)
     point_to_point          alpha +             message_bytes / B
 
-The link is `cluster.link_for(ranks)`: intra-node when the whole group is on one node, else inter-node.
-A group of one rank costs 0.0 (no communication), as does a send from a rank to itself.
+Groups that span nodes (ranks node-major, `Cluster.node_of`):
+- g ranks on each of k > 1 nodes (the same g on every node): two levels, as NCCL's trees / hierarchical
+  algorithms and every inter-node ring that keeps one NIC per GPU busy behave. reduce_scatter = RS inside each
+  node on the whole input, then RS across nodes on 1/g of it; all_gather mirrors it (AG across nodes on 1/g,
+  then inside); all_reduce = reduce_scatter + all_gather. The g cross-node sub-collectives run at the same
+  time on separate NICs (the presets' inter-node bandwidth is per GPU). With g = 1 this is the plain ring on
+  the inter-node link.
+- any other layout (uneven ranks per node): one ring over all n ranks at the inter-node (slowest) link.
+- all_to_all across nodes: (n-1) inter-node latencies, and the intra-node and inter-node shares of the
+  message sent at the same time: max((g-1)/n * M / B_intra, (n-g)/n * M / B_inter).
 
-Blind spots: ring only (NCCL switches to trees for small messages and large n, where 2(n-1) * alpha
-overestimates latency); a group spanning nodes is priced wholly at inter-node speed (no hierarchical
-algorithm); no contention between concurrent collectives on different mesh axes; no overlap with compute
-(callers decide how much overlap to assume).
+Each level's (alpha, B) is `cluster.link(level, collective)`: a per-collective override when calibrate
+measured one, else the level's link. A group of one rank costs 0.0, as does a send from a rank to itself.
+
+Blind spots: ring latency (n-1) alpha everywhere; NCCL's trees give ~log2(n) alpha for small messages on
+large groups, so latency-bound collectives on many ranks are overestimated; no contention between
+concurrent collectives on different mesh axes; overlap with compute is applied separately by
+`exposed_time_s`.
 """
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
-from .cluster import Cluster
+from .cluster import Cluster, LinkSpec
 
-__all__ = ["all_gather_time_s", "all_reduce_time_s", "point_to_point_time_s", "reduce_scatter_time_s"]
+__all__ = [
+    "all_gather_time_s",
+    "all_reduce_time_s",
+    "all_to_all_time_s",
+    "exposed_time_s",
+    "point_to_point_time_s",
+    "reduce_scatter_time_s",
+]
 
 
 def _check_bytes(field: str, value: float) -> float:
@@ -33,44 +54,107 @@ def _check_bytes(field: str, value: float) -> float:
     return float(value)
 
 
-def _group_size(ranks: Sequence[int]) -> int:
+def _layout(ranks: Sequence[int], cluster: Cluster) -> tuple[int, int, bool]:
+    """(n ranks, k nodes, uniform: the same number of ranks on every node of the group)."""
     if len(ranks) == 0:
         raise ValueError("a collective needs at least one rank, got an empty group")
     if len(set(ranks)) != len(ranks):
         raise ValueError(f"ranks of a collective must be distinct, got {list(ranks)}")
-    return len(ranks)
+    per_node = Counter(cluster.node_of(rank) for rank in ranks)
+    return len(ranks), len(per_node), len(set(per_node.values())) == 1
 
 
-def _ring_time_s(steps_factor: int, volume_factor: float, message_bytes: float, ranks: Sequence[int],
-                 cluster: Cluster) -> float:
+def _ring_s(n: int, steps_factor: int, volume_factor: float, num_bytes: float, link: LinkSpec) -> float:
     """steps_factor * (n-1) * alpha + volume_factor * (n-1)/n * bytes / B; 0.0 when n == 1."""
-    n = _group_size(ranks)
-    link = cluster.link_for(ranks)
     if n == 1:
         return 0.0
-    return (steps_factor * (n - 1) * link.latency_s
-            + volume_factor * (n - 1) / n * message_bytes / link.bandwidth_bytes_per_s)
+    latency_s = steps_factor * (n - 1) * link.latency_s
+    return latency_s + volume_factor * (n - 1) / n * num_bytes / link.bandwidth_bytes_per_s
+
+
+def _half_collective_s(collective: str, num_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
+    """all_gather (output bytes) or reduce_scatter (input bytes): one level, two levels or a slow ring."""
+    n, k, uniform = _layout(ranks, cluster)
+    if k == 1:
+        return _ring_s(n, 1, 1.0, num_bytes, cluster.link("intra_node", collective))
+    if not uniform:
+        return _ring_s(n, 1, 1.0, num_bytes, cluster.link("inter_node", collective))
+    g = n // k
+    return (_ring_s(g, 1, 1.0, num_bytes, cluster.link("intra_node", collective))
+            + _ring_s(k, 1, 1.0, num_bytes / g, cluster.link("inter_node", collective)))
 
 
 def all_reduce_time_s(message_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """Ring all-reduce of a `message_bytes` tensor: 2(n-1) * alpha + 2(n-1)/n * message_bytes / B."""
-    return _ring_time_s(2, 2.0, _check_bytes("message_bytes", message_bytes), ranks, cluster)
+    """All-reduce of a `message_bytes` tensor over `ranks` (seconds).
+
+    One node: 2(n-1) alpha + 2(n-1)/n M / B. Across nodes: reduce_scatter + all_gather of the module
+    docstring's two-level (uniform layout) or slowest-link ring model, priced with the all_reduce links.
+    """
+    message_bytes = _check_bytes("message_bytes", message_bytes)
+    n, k, uniform = _layout(ranks, cluster)
+    if k == 1:
+        return _ring_s(n, 2, 2.0, message_bytes, cluster.link("intra_node", "all_reduce"))
+    if not uniform:
+        return _ring_s(n, 2, 2.0, message_bytes, cluster.link("inter_node", "all_reduce"))
+    g = n // k
+    return (_ring_s(g, 2, 2.0, message_bytes, cluster.link("intra_node", "all_reduce"))
+            + _ring_s(k, 2, 2.0, message_bytes / g, cluster.link("inter_node", "all_reduce")))
 
 
 def all_gather_time_s(output_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """Ring all-gather into an `output_bytes` tensor: (n-1) * alpha + (n-1)/n * output_bytes / B."""
-    return _ring_time_s(1, 1.0, _check_bytes("output_bytes", output_bytes), ranks, cluster)
+    """All-gather into an `output_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * output_bytes / B in one
+    node; across g x k nodes: AG across nodes of output/g, then AG inside each node of the whole output."""
+    return _half_collective_s("all_gather", _check_bytes("output_bytes", output_bytes), ranks, cluster)
 
 
 def reduce_scatter_time_s(input_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """Ring reduce-scatter of an `input_bytes` tensor: (n-1) * alpha + (n-1)/n * input_bytes / B."""
-    return _ring_time_s(1, 1.0, _check_bytes("input_bytes", input_bytes), ranks, cluster)
+    """Reduce-scatter of an `input_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * input_bytes / B in one
+    node; across g x k nodes: RS inside each node of the whole input, then RS across nodes of input/g."""
+    return _half_collective_s("reduce_scatter", _check_bytes("input_bytes", input_bytes), ranks, cluster)
+
+
+def all_to_all_time_s(message_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
+    """All-to-all where each rank sends `message_bytes` in total, 1/n to every rank (itself included), seconds.
+
+    One node: (n-1) alpha + (n-1)/n M / B. Across nodes (g = ranks on the sender's node, taken as n/k):
+    (n-1) alpha_inter + max((g-1)/n M / B_intra, (n-g)/n M / B_inter). Blind spot: uneven layouts use n/k.
+    """
+    message_bytes = _check_bytes("message_bytes", message_bytes)
+    n, k, _ = _layout(ranks, cluster)
+    if n == 1:
+        return 0.0
+    intra = cluster.link("intra_node", "all_to_all")
+    if k == 1:
+        return _ring_s(n, 1, 1.0, message_bytes, intra)
+    inter = cluster.link("inter_node", "all_to_all")
+    g = n / k
+    return ((n - 1) * inter.latency_s + max((g - 1) / n * message_bytes / intra.bandwidth_bytes_per_s,
+                                            (n - g) / n * message_bytes / inter.bandwidth_bytes_per_s))
 
 
 def point_to_point_time_s(message_bytes: float, src: int, dst: int, cluster: Cluster) -> float:
-    """One send of `message_bytes` from rank src to rank dst: alpha + message_bytes / B; 0.0 if src == dst."""
+    """One send of `message_bytes` from rank src to rank dst: alpha + message_bytes / B on the level that joins
+    them (seconds); 0.0 if src == dst. Blind spot: no rendezvous/handshake cost beyond alpha."""
     message_bytes = _check_bytes("message_bytes", message_bytes)
-    link = cluster.link_for([src, dst])
+    link = cluster.link_for([src, dst], "point_to_point")
     if src == dst:
         return 0.0
     return link.latency_s + message_bytes / link.bandwidth_bytes_per_s
+
+
+def exposed_time_s(comm_s: float, compute_s: float, overlap: float) -> float:
+    """Communication time left on the critical path when a fraction `overlap` of it can run under compute.
+
+    exposed = comm_s - overlap * min(comm_s, compute_s)   (seconds)
+
+    Assumption: the overlappable share of the communication runs concurrently with the `compute_s` window it
+    is issued beside (e.g. the next layer's all-gather under this layer's compute) and cannot hide behind
+    more compute than there is; the rest is serial. overlap 0 gives comm_s (the skeleton's upper bound),
+    overlap 1 gives max(0, comm_s - compute_s). Blind spot: the slowdown compute suffers from sharing
+    memory bandwidth or SMs with communication kernels is not modelled.
+    """
+    comm_s = _check_bytes("comm_s", comm_s)
+    compute_s = _check_bytes("compute_s", compute_s)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
+        raise ValueError(f"overlap must be a fraction in [0, 1], got {overlap!r}")
+    return comm_s - overlap * min(comm_s, compute_s)

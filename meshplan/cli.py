@@ -1,8 +1,9 @@
-"""The `meshplan` command: plan, show, execute.
+"""The `meshplan` command: plan, show, execute, calibrate.
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
     meshplan show plan.yaml
     meshplan execute plan.yaml --steps 5
+    meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
 User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2.
 """
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
     p.add_argument("--world-size", type=_positive_int, required=True, help="number of devices (ranks)")
     p.add_argument("--mesh", type=_mesh, help="pin the mesh as PPxDPxTP or DPxTP (e.g. 2x2) instead of searching")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of parameters; not float32 means mixed precision with fp32 master weights")
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")
@@ -91,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive_int, default=5)
     e.add_argument("--report-json", help="also write the run report as JSON here")
     e.add_argument("--quiet", action="store_true", help="do not print the report")
+    c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
+                                         "YAML for --cluster (starts torchrun when needed)")
+    from costmodel.calibrate import add_arguments
+
+    add_arguments(c)
     return parser
 
 
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from planner.api import plan
 
-        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh)
+        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
         result.save(args.out)
         print(format_plan(result))
         print(f"\nwrote {args.out}")
@@ -114,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
             run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet)
         else:
             execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet)
+        return 0
+    if args.command == "calibrate":
+        from costmodel.calibrate import calibrate
+
+        calibrate(args)
         return 0
     raise AssertionError(args.command)
 

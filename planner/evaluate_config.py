@@ -8,8 +8,9 @@ A rank's step time is F * (sum of its layers' u + pipeline sends per micro-batch
 rank. So minimising the sum of u on a rank is exactly minimising its step time, which lets one ILP per rank
 choose options with the pipeline bubble and once-per-step costs weighed correctly.
 
-Overlap: the profile's `fsdp_gather_overlap`, `grad_reduce_overlap` and `pipeline_p2p_overlap` fractions
-(0 when the profile has none) hide that share of the corresponding communication behind compute.
+Overlap: the profile's overlap fractions (`fsdp_all_gather`, `gradient_reduction`, `pipeline_p2p`,
+`tensor_parallel`) hide that share of each communication behind the compute it runs beside
+(costmodel.exposed_time_s).
 
 Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
 stage's micro-batches in flight x its layers' kept activations + a reserve: the largest gathered ZeRO-3
@@ -27,7 +28,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from costmodel import Cluster, dtype_bytes, optimizer_step_time_s, point_to_point_time_s
+from costmodel import (
+    Cluster,
+    dtype_bytes,
+    exposed_time_s,
+    in_flight_microbatches,
+    optimizer_step_time_s,
+    pipeline_bubble_fraction,
+    point_to_point_time_s,
+)
 from planner.config_space import ParallelConfig
 from planner.data_parallel_costs import (
     data_parallel_time_s,
@@ -40,7 +49,6 @@ from planner.layer_options import (
     TRACED_DTYPE_BYTES,
     LayerOption,
     OptionCost,
-    host_bandwidth_bytes_per_s,
     layer_options,
     price_layer_option,
     supports_tensor_parallel,
@@ -48,11 +56,6 @@ from planner.layer_options import (
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
-from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
-
-
-def _overlap(cluster: Cluster, name: str) -> float:
-    return float(getattr(cluster, name, 0.0) or 0.0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class ConfigResult:
     step_time_s: float
     stage_starts: list[int]
     choice: list[PricedOption] | None = None
+    other_stage_starts: list[list[int]] = field(default_factory=list)
+    """Other pipeline cuts worth solving exactly (the screening's runner-up)."""
     peak_memory_bytes: int = 0
     breakdown_s: dict[str, float] = field(default_factory=dict)
     memory_bytes: dict[str, int] = field(default_factory=dict)
@@ -107,6 +112,8 @@ class ConfigPricer:
             for k in self.kind_order:
                 self.prefix[k].append(self.prefix[k][-1] + (k == kind))
         self.first_of_kind = {k: self.kinds.index(k) for k in self.kind_order}
+        self.num_tensors = [sum(1 for _ in (model.get_submodule(layer.path) if layer.path else model).parameters())
+                            if layer.num_params else 0 for layer in self.layers]
 
     # ---- per-layer tables -------------------------------------------------------------------------------
     def micro_options(self, index: int, tp: int, micro_batch_size: int,
@@ -138,20 +145,23 @@ class ConfigPricer:
 
     def _price(self, index: int, config: ParallelConfig) -> list[PricedOption]:
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
-        gather_hidden = _overlap(self.cluster, "fsdp_gather_overlap")
-        reduce_hidden = _overlap(self.cluster, "grad_reduce_overlap")
-        host = host_bandwidth_bytes_per_s(self.cluster)
+        overlap = self.cluster.overlap
+        setup = config.data_parallel_setup()
         priced = []
         for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
-            setup = config.data_parallel_setup()
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
-            communication_s = gather_s * (1 - gather_hidden) + reduce_s * (1 - reduce_hidden)
+            # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)
+            window_s = micro.compute_s * config.num_microbatches
+            communication_s = (exposed_time_s(gather_s, window_s, overlap.fsdp_all_gather)
+                               + exposed_time_s(reduce_s, window_s * 2 / 3, overlap.gradient_reduction))
             owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
                                                                            setup.shard_degree)
-            optimizer_s = optimizer_step_time_s(owned, self.cluster,
-                                                bytes_per_param_touched=_optimizer_bytes(config.param_dtype))
-            offload_s = offload_time_s(micro.local_num_params, setup, host)
+            optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
+                                                param_dtype=config.param_dtype,
+                                                master_weights=config.param_dtype != "float32",
+                                                num_tensors=self.num_tensors[index])
+            offload_s = offload_time_s(micro.local_num_params, setup, self.cluster)
             unit = micro.time_s + (communication_s + optimizer_s + offload_s) / factor
             priced.append(PricedOption(option, micro, states.total_bytes, states.parameters_bytes,
                                        states.gradients_bytes, states.optimizer_states_bytes, communication_s,
@@ -171,8 +181,8 @@ class ConfigPricer:
         message = self.layers[first_layer].input_bytes * config.micro_batch_size / self.graph.sample_batch_size
         message *= dtype_bytes(config.param_dtype) / TRACED_DTYPE_BYTES
         peer = config.dp * config.tp  # the next stage's rank for rank 0
-        hidden = _overlap(self.cluster, "pipeline_p2p_overlap")
-        return 2 * point_to_point_time_s(message, 0, peer, self.cluster) * (1 - hidden)
+        send_s = 2 * point_to_point_time_s(message, 0, peer, self.cluster)
+        return exposed_time_s(send_s, send_s, self.cluster.overlap.pipeline_p2p)
 
     def screen(self, config: ParallelConfig) -> ConfigResult:
         """Optimistic step time (LP relaxation) and the pipeline cut that achieves it."""
@@ -189,8 +199,7 @@ class ConfigPricer:
                                                      p.micro.activation_bytes) for p in tables[index]])
             return hull_cache[key]
 
-        in_flight = [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
-                                            config.virtual_stages) for s in range(config.num_stages)]
+        in_flight = self.in_flight(config)
         prefix, first = self.prefix, self.first_of_kind
         p2p = [self.p2p_s(config, start) for start in range(len(self.layers))]
         memo: dict[tuple[float, int, int], float] = {}
@@ -203,19 +212,33 @@ class ConfigPricer:
                 memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
             return memo[key]
 
+        # the bottleneck cut balances stages; with virtual stages a rank runs several, and the even cut can
+        # balance ranks better, so both are candidates
+        cuts = [even_stage_starts(len(self.layers), config.num_stages)]
         found = partition_chain(len(self.layers), config.num_stages, segment_cost)
-        if found is None:
-            return ConfigResult(config, math.inf, [])
-        starts, _ = found
-        costs = stage_costs(starts, len(self.layers), segment_cost)
-        rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
+        if found is not None and found[0] != cuts[0]:
+            cuts.insert(0, found[0])
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
-        return ConfigResult(config, factor * max(rank_time), starts)
+        priced = []
+        for starts in cuts:
+            costs = stage_costs(starts, len(self.layers), segment_cost)
+            rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
+            priced.append((factor * max(rank_time), starts))
+        priced = [p for p in priced if math.isfinite(p[0])]
+        if not priced:
+            return ConfigResult(config, math.inf, [])
+        priced.sort(key=lambda p: p[0])
+        return ConfigResult(config, priced[0][0], priced[0][1], other_stage_starts=[p[1] for p in priced[1:]])
 
     # ---- exact solve --------------------------------------------------------------------------------
     def solve(self, screened: ConfigResult) -> ConfigResult:
-        """Exact per-rank ILP on the screened cut; then predict() the result."""
-        config, starts = screened.config, screened.stage_starts
+        """Exact per-rank ILP on each screened cut; the fastest result, predicted."""
+        results = [self.solve_cut(screened.config, starts)
+                   for starts in [screened.stage_starts, *screened.other_stage_starts]]
+        return min(results, key=lambda r: r.step_time_s)
+
+    def solve_cut(self, config: ParallelConfig, starts: list[int]) -> ConfigResult:
+        """Exact per-rank ILP on one pipeline cut."""
         n = len(self.layers)
         tables = [self.priced_options(i, config) for i in range(n)]
         budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
@@ -243,7 +266,8 @@ class ConfigPricer:
         return self.predict(config, starts, choice)
 
     def in_flight(self, config: ParallelConfig) -> list[float]:
-        return [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
+        """Micro-batches in flight for every stage (stage s runs on pipeline rank s % pp)."""
+        return [in_flight_microbatches(config.schedule, config.pp, s % config.pp, config.num_microbatches,
                                        config.virtual_stages) for s in range(config.num_stages)]
 
     def predict(self, config: ParallelConfig, starts: list[int], choice: list[PricedOption]) -> ConfigResult:
@@ -288,6 +312,12 @@ class ConfigPricer:
                             breakdown_s=slowest[1], memory_bytes=memory)
 
 
+def even_stage_starts(num_layers: int, num_stages: int) -> list[int]:
+    """First layer of each stage when layers are dealt out as evenly as possible (earlier stages get extras)."""
+    base, extra = divmod(num_layers, num_stages)
+    return [stage * base + min(stage, extra) for stage in range(num_stages)]
+
+
 def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
     """Stage index of every layer from the stages' first layers."""
     stage_of = [0] * num_layers
@@ -296,9 +326,7 @@ def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
     return stage_of
 
 
-def _optimizer_bytes(param_dtype: str) -> float:
-    """Bytes AdamW reads and writes per parameter: fp32 master, two moments and the gradient (x2 for
-    read + write), plus writing the low-precision copy under mixed precision."""
-    if param_dtype == "float32":
-        return 16 * 2
-    return 16 * 2 + dtype_bytes(param_dtype) * 2
+def pipeline_step_factor(pp: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Step time over the slowest rank's time per micro-batch: m / (1 - bubble fraction) = m + (pp - 1) / v."""
+    schedule = "none" if pp == 1 else ("interleaved_1f1b" if virtual_stages > 1 else "1f1b")
+    return num_microbatches / (1 - pipeline_bubble_fraction(schedule, pp, num_microbatches, virtual_stages))

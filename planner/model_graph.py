@@ -28,6 +28,20 @@ _MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convol
                "_scaled_dot_product_flash_attention_for_cpu"}
 
 
+@dataclass(frozen=True)
+class OpFacts:
+    """One aten op of a layer, for per-op pricing (efficiency curves and launch overhead are per op)."""
+
+    phase: str
+    """"forward" or "backward"."""
+    flops: float
+    bytes_accessed: float
+    """Bytes read + written when the op is not a matmul (memory-bound work); 0 for matmuls and views."""
+    is_matmul: bool
+    tensor_parallel: bool
+    """Inside a tensor-parallel unit: its FLOPs and bytes divide by tp under the `tensor` strategy."""
+
+
 @dataclass
 class LayerFacts:
     """Per-layer totals for one traced step at `sample_batch_size` (FLOPs, traffic, activations scale with batch)."""
@@ -63,6 +77,8 @@ class LayerFacts:
     tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    ops: list[OpFacts] = field(default_factory=list)
+    """Every aten op of the layer (views included: each is one dispatch), in graph order."""
 
 
 @dataclass
@@ -123,15 +139,16 @@ def _storage_key(tensor: torch.Tensor):
 def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> ModelGraph:
     """Capture `spec`'s training step on fake tensors and summarise it per layer.
 
-    A deep stack of identical blocks (96 in GPT-3) is traced with only its first two blocks: tracing cost
-    grows with depth, while every later block is the same kind as the second and gets a copy of its facts.
-    When the shortened model does not trace (its forward needs every block), the full model is traced.
+    A deep stack of identical blocks (96 in GPT-3) is traced with only three: tracing cost grows with depth,
+    and the middle one (fed by a block, feeding a block) stands for every middle block of the full stack,
+    while the first and last keep their own neighbours. When the shortened model does not trace (its forward
+    needs every block), the full model is traced.
     """
     batch = sample_batch_size or spec.global_batch_size
     stack = _identical_stack(spec.model)
     if stack is not None:
         parent, name, container = stack
-        setattr(parent, name, type(container)(list(container.children())[:2]))
+        setattr(parent, name, type(container)(list(container.children())[:3]))
         try:
             captured = capture_training_step(spec, batch)
             short = model_graph_from_capture(spec.model, captured, batch)
@@ -146,13 +163,13 @@ def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> 
 
 
 def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
-    """(parent, attribute, container) of the repeated stack when it has >= 3 structurally identical blocks."""
+    """(parent, attribute, container) of the repeated stack when it has >= 4 structurally identical blocks."""
     path = repeated_stack_path(model)
     if not path:
         return None
     container = model.get_submodule(path)
     blocks = list(container.children())
-    if len(blocks) < 3 or len(blocks) != len(container):
+    if len(blocks) < 4 or len(blocks) != len(container):
         return None
 
     def signature(block: nn.Module) -> list:
@@ -167,15 +184,19 @@ def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | Non
 
 
 def _deepen(model: nn.Module, short: ModelGraph, container: nn.Module) -> ModelGraph:
-    """The full model's graph from one traced with two blocks: blocks 2.. copy block 1's facts."""
+    """The full model's graph from one traced with three blocks: the middle block's facts stand for blocks
+    1 .. N-2, and the third traced block becomes block N-1."""
     prefix = next(p for p, m in model.named_modules() if m is container)
     names = [n for n, _ in container.named_children()]
-    second = f"{prefix}.{names[1]}"
+    middle, last = f"{prefix}.{names[1]}", f"{prefix}.{names[2]}"
     layers = []
     for layer in short.layers:
-        layers.append(layer)
-        if layer.path == second:
-            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[2:])
+        if layer.path == middle:
+            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[1:-1])
+        elif layer.path == last:
+            layers.append(dataclasses.replace(layer, path=f"{prefix}.{names[-1]}"))
+        else:
+            layers.append(layer)
     digest = hashlib.sha256(short.fingerprint.encode())
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
@@ -226,7 +247,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         facts[path].tp_units = units
         for unit in units:
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
-                            node_by_name, params, tp_region, facts[path])
+                            node_by_name, params, tp_region, facts[path], captured.param_names)
 
     # a backward op is sharded when the forward op it differentiates is
     sharded_seq_nrs = {node_by_name[n].meta.get("seq_nr") for n in tp_region}
@@ -262,6 +283,9 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
             output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
             saved_bytes=saved, tensor_parallel=in_tp)
+        if isinstance(node.target, torch._ops.OpOverload):
+            layer.ops.append(OpFacts(phase=phase, flops=flops, bytes_accessed=moved, is_matmul=is_mm,
+                                     tensor_parallel=in_tp))
         if phase == "forward":
             layer.fwd_flops += flops
             layer.fwd_bytes += moved
@@ -370,18 +394,31 @@ def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict
 def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],
                     linear_outputs: dict[str, str], linear_inputs: dict[str, str], module_path: dict[str, str],
                     node_by_name: dict[str, torch.fx.Node], params: dict[str, nn.Parameter],
-                    tp_region: dict[str, bool], fact: LayerFacts) -> None:
-    """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp."""
+                    tp_region: dict[str, bool], fact: LayerFacts, param_names: dict[str, str]) -> None:
+    """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp.
+
+    The region is every forward node of the layer downstream of a column linear's output and not downstream
+    of the row linear's output: the path into the row linear, and the side branches that only backward reads
+    (dropout masks, the `detach` aliases autograd saves for softmax), which hold per-head data too. Inside a
+    column linear only the nodes computed from its (sharded) weight and bias count: the view of its input
+    that the matmul reads is the whole, replicated activation on every tp rank.
+    """
     def full(rel: str) -> str:
         return f"{layer_path}.{rel}" if layer_path else rel
 
     col_paths = {full(c) for c in unit.colwise}
     row_path = full(unit.rowwise)
-    feeds_row = nx.ancestors(graph, linear_inputs[row_path]) | {linear_inputs[row_path]}
-    region = {n for n in layer_nodes if module_path[n] in col_paths | {row_path}}
+    after_row: set[str] = set()
+    for out_node, path in linear_outputs.items():
+        if path == row_path:
+            after_row |= nx.descendants(graph, out_node)
+    col_param_nodes = [n for n, name in param_names.items() if name.rpartition(".")[0] in col_paths]
+    from_col_params = set().union(*(nx.descendants(graph, n) for n in col_param_nodes)) if col_param_nodes else set()
+    region = {n for n in layer_nodes if module_path[n] == row_path
+              or (module_path[n] in col_paths and n in from_col_params)}
     for out_node, path in linear_outputs.items():
         if path in col_paths:
-            region |= (nx.descendants(graph, out_node) & feeds_row) & layer_nodes
+            region |= (nx.descendants(graph, out_node) & layer_nodes) - after_row
     for node in region:
         tp_region[node] = True
     for path in col_paths | {row_path}:

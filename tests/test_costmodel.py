@@ -56,7 +56,7 @@ def toy():
 
 
 def test_presets_listed():
-    assert list_presets() == ["a100-80g", "cpu"]
+    assert list_presets() == ["a100-40g", "a100-80g", "cpu", "h100", "h200", "l40s"]
 
 
 def test_a100_preset_numbers():
@@ -69,6 +69,10 @@ def test_a100_preset_numbers():
     assert cluster.memory_bandwidth_bytes_per_s == 2039 * GB
     assert cluster.intra_node == LinkSpec(240 * GB, 10e-6)
     assert cluster.inter_node == LinkSpec(23 * GB, 20e-6)
+    assert cluster.host_link == LinkSpec(25 * GB, 10e-6)
+    assert cluster.kernel_overhead_s == pytest.approx(8e-6)
+    assert cluster.matmul_efficiency["bfloat16"].points[-1] == (1e12, 0.8)
+    assert cluster.overlap.fsdp_all_gather == 0.8 and cluster.overlap.tensor_parallel == 0.0
 
 
 def test_cpu_preset_numbers():
@@ -79,7 +83,7 @@ def test_cpu_preset_numbers():
     assert cluster.inter_node.latency_s == pytest.approx(500e-6)
 
 
-@pytest.mark.parametrize("name", ["a100-80g", "cpu"])
+@pytest.mark.parametrize("name", ["a100-40g", "a100-80g", "cpu", "h100", "h200", "l40s"])
 def test_preset_round_trips(name, tmp_path):
     cluster = load_cluster(name)
     assert Cluster.from_dict(cluster.to_dict()) == cluster
@@ -114,7 +118,7 @@ def test_cluster_is_frozen_and_copies_its_peak_table(toy):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ClusterError, match=r"unknown cluster preset 'h900'.*a100-80g, cpu"):
+    with pytest.raises(ClusterError, match=r"unknown cluster preset 'h900'.*a100-40g, a100-80g, cpu, h100, h200, l40s"):
         load_cluster("h900")
 
 
@@ -152,7 +156,7 @@ def test_missing_file(tmp_path):
         (toy_dict(peak_tflops={"float32": False}), r"field 'peak_tflops.float32'"),
         (toy_dict(device_type="tpu"), r"field 'device_type' must be one of 'cpu', 'cuda'"),
         (toy_dict(device_type="cpu"), r"field 'backend' must be 'gloo' when device_type is 'cpu'"),
-        (toy_dict(schema_version=2), r"field 'schema_version' must be 1"),
+        (toy_dict(schema_version=3), r"field 'schema_version' must be one of \(1, 2\)"),
         (toy_dict(name=""), r"field 'name' must be a non-empty string"),
         (toy_dict(description=7), r"field 'description' must be a string"),
     ],
@@ -242,8 +246,9 @@ def test_all_gather_and_reduce_scatter(toy):
     # (n-1) alpha + (n-1)/n bytes / B with n=4 intra: 3 * 10 us + 0.75 * 0.01 s
     assert all_gather_time_s(1e9, [0, 1, 2, 3], toy) == pytest.approx(0.00753)
     assert reduce_scatter_time_s(1e9, [0, 1, 2, 3], toy) == pytest.approx(0.00753)
-    # n=8 across nodes: 7 * 50 us + 7/8 * 0.1 s
-    assert all_gather_time_s(1e9, range(8), toy) == pytest.approx(7 * 50e-6 + 0.0875)
+    # n=8 on 2 nodes x 4, two levels: AG across nodes of 1/4 (50 us + 1/2 * 0.25 GB / 10 GB/s), then AG
+    # inside each node of the whole output (3 * 10 us + 3/4 * 1 GB / 100 GB/s)
+    assert all_gather_time_s(1e9, range(8), toy) == pytest.approx(50e-6 + 0.0125 + 0.00753)
 
 
 def test_all_reduce_is_reduce_scatter_plus_all_gather(toy):
@@ -287,18 +292,18 @@ def test_dtype_bytes():
 
 def test_roofline_compute_bound():
     a100 = load_cluster("a100-80g")
-    # 1 TFLOP bf16 matmul touching 1 MB: 1e12 / (312e12 * 0.6) s
-    assert op_time_s(1e12, 1e6, a100, dtype="bfloat16") == pytest.approx(1e12 / (312e12 * 0.6))
-    # same work in float32 uses the float32 peak
-    assert op_time_s(1e12, 1e6, a100, dtype="float32") == pytest.approx(1e12 / (19.5e12 * 0.6))
+    # 1 TFLOP bf16 matmul touching 1 MB: at the last point of the bf16 curve, 1e12 / (312e12 * 0.8) s
+    assert op_time_s(1e12, 1e6, a100, dtype="bfloat16") == pytest.approx(1e12 / (312e12 * 0.8))
+    # same work in float32 uses the float32 peak and curve
+    assert op_time_s(1e12, 1e6, a100, dtype="float32") == pytest.approx(1e12 / (19.5e12 * 0.9))
     # not a matmul: full peak
     assert op_time_s(1e12, 1e6, a100, dtype="bfloat16", is_matmul=False) == pytest.approx(1e12 / 312e12)
 
 
 def test_roofline_memory_bound():
     a100 = load_cluster("a100-80g")
-    # elementwise op: 1 MFLOP, 1 GB moved -> 1e9 / 2039e9 s
-    assert op_time_s(1e6, 1e9, a100, dtype="bfloat16", is_matmul=False) == pytest.approx(1e9 / 2039e9)
+    # elementwise op: 1 MFLOP, 1 GB moved -> 1e9 / (2039e9 * 0.85) s (last point of the memory curve)
+    assert op_time_s(1e6, 1e9, a100, dtype="bfloat16", is_matmul=False) == pytest.approx(1e9 / (2039e9 * 0.85))
 
 
 def test_roofline_dtype_falls_back_to_float32(toy):

@@ -1,0 +1,84 @@
+"""The search space and the formulas the search relies on: configurations, pipeline schedules, data-parallel
+state memory, and what the search reports."""
+
+from pathlib import Path
+
+import pytest
+
+from costmodel import load_cluster
+from planner.config_space import enumerate_configs
+from planner.data_parallel_costs import DataParallelSetup, rank_state_bytes
+from planner.evaluate_config import ConfigPricer, even_stage_starts, pipeline_step_factor
+from planner.search import InfeasiblePlanError
+
+GB = 10**9
+GPT = f"{Path(__file__).resolve().parents[1]}/examples/gpt.py:build_gpt"
+
+
+def test_configurations_respect_nodes_batch_and_chain():
+    configs = enumerate_configs(world_size=16, devices_per_node=8, num_layers=6, global_batch_size=32)
+    assert configs, "something must be enumerable"
+    for c in configs:
+        assert c.pp * c.dp * c.tp == 16
+        assert c.tp <= 8 and c.pp <= 6
+        assert 32 % (c.dp * c.num_microbatches) == 0
+        assert c.pp == 1 or c.num_microbatches >= c.pp
+        assert (c.schedule == "none") == (c.pp == 1)
+        assert c.virtual_stages == 1 or (c.schedule == "interleaved_1f1b" and c.pp * c.virtual_stages <= 6)
+        assert c.replicate == 1 or (c.dp_kind != "ddp" and c.dp % c.replicate == 0)
+    # data parallelism spanning two nodes offers HSDP with one replica per node
+    assert any(c.dp == 16 and c.replicate == 2 for c in configs)
+    assert len(configs) == len(set(configs))
+
+
+def test_pinned_mesh_only_varies_the_rest():
+    configs = enumerate_configs(8, 8, 8, 16, mesh=(2, 2, 2))
+    assert {(c.pp, c.dp, c.tp) for c in configs} == {(2, 2, 2)}
+    assert {c.schedule for c in configs} == {"1f1b", "gpipe", "interleaved_1f1b"}
+
+
+def test_pipeline_step_factor_is_micro_batches_plus_bubble():
+    # bubble fraction (pp - 1) / (m + pp - 1), divided by v when interleaved (Narayanan et al. 2021)
+    assert pipeline_step_factor(4, 8) == pytest.approx(11)
+    assert pipeline_step_factor(4, 8, 2) == pytest.approx(9.5)
+    assert pipeline_step_factor(1, 8) == 8
+
+
+def test_stages_on_one_rank_share_its_in_flight_count():
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+
+    spec = load_model_spec(GPT, device="meta")
+    pricer = ConfigPricer(spec.model, build_model_graph(spec), load_cluster("cpu"))
+    config = next(c for c in enumerate_configs(4, 8, 8, 8, mesh=(2, 2, 1)) if c.virtual_stages == 2)
+    in_flight = pricer.in_flight(config)
+    assert len(in_flight) == 4 and in_flight[0] == in_flight[2] and in_flight[1] == in_flight[3]
+    assert in_flight[0] > in_flight[1]
+
+
+def test_zero_state_memory_matches_the_paper_table():
+    # ZeRO paper (Rajbhandari et al. 2020) figure 1: 7.5B parameters, dp 64, mixed-precision Adam (K = 12):
+    # 120 GB (DDP), 31.4 GB (stage 1), 16.6 GB (stage 2), 1.88 GB (stage 3)
+    expected = {"ddp": 120, "zero1": 31.4, "zero2": 16.6, "zero3": 1.875}
+    for kind, gb in expected.items():
+        setup = DataParallelSetup(kind=kind, dp=64, tp=1, param_dtype="float16")
+        assert rank_state_bytes(7_500_000_000, setup).total_bytes / GB == pytest.approx(gb, rel=0.01)
+    # HSDP with 8 replicas shards over 8 ranks only; gradient accumulation keeps unsharded gradients
+    hsdp = DataParallelSetup(kind="zero3", dp=64, tp=1, replicate=8, param_dtype="float16")
+    assert rank_state_bytes(7_500_000_000, hsdp).total_bytes / GB == pytest.approx(120 / 8, rel=0.01)
+    accumulating = DataParallelSetup(kind="zero2", dp=64, tp=1, num_microbatches=4, param_dtype="float16")
+    assert rank_state_bytes(7_500_000_000, accumulating).gradients_bytes == 15 * GB
+
+
+def test_even_stage_starts():
+    assert even_stage_starts(10, 4) == [0, 3, 6, 8]
+    assert even_stage_starts(4, 4) == [0, 1, 2, 3]
+
+
+def test_infeasible_error_gives_memory_and_what_would_help():
+    from planner.api import plan
+
+    cluster = load_cluster("cpu")
+    tiny = type(cluster).from_dict({**cluster.to_dict(), "device_memory_gib": 0.0001})
+    with pytest.raises(InfeasiblePlanError, match=r"needs [\d.,]+ MiB per device.*more devices"):
+        plan(GPT, tiny, 4)
