@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import sys
 from pathlib import Path
@@ -126,6 +127,8 @@ def main() -> None:
     results = {plan_path: run_plan(plan_path, steps) for plan_path in sys.argv[4:]}
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
+    gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
+    # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
     dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
