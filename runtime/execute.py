@@ -8,6 +8,7 @@ back through a JSON file.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -61,6 +62,8 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
         dist.init_process_group(backend)
     try:
         report = run_in_this_process_group(plan, steps, plan_dir)
+        gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
+        # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         if owns_group:

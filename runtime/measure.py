@@ -56,7 +56,9 @@ def _step_peak_tracker():
 
 
 class PeakMemoryProbe:
-    """`with probe.track(model, optimizer): step()` records the peak bytes of that step into `probe.result`."""
+    """`with probe.track(model, optimizer) as next_microbatch: step()` records the peak bytes of that step into
+    `probe.result`. Call `next_microbatch()` before every forward of the model after the first in the step
+    (gradient accumulation): MemTracker otherwise takes a second forward of the root for a new iteration."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -67,14 +69,15 @@ class PeakMemoryProbe:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            yield
+            yield lambda: None
             torch.cuda.synchronize(self.device)
             self.result = MemoryMeasurement(peak_bytes=int(torch.cuda.max_memory_allocated(self.device)))
             return
         tracker = _step_peak_tracker()
-        tracker.track_external(model, optimizer)
+        inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer keeps its states in a local optimizer
+        tracker.track_external(model, optimizer, *([inner] if isinstance(inner, torch.optim.Optimizer) else []))
         with tracker:
-            yield
+            yield tracker.reset_mod_stats  # per-module stats only; the peak over the step is kept
         snapshot = tracker.get_tracker_snapshot("peak").get(self.device, {})
         breakdown = {str(getattr(k, "value", k)): int(v) for k, v in snapshot.items()}
         peak = breakdown.pop("Total", sum(breakdown.values()))

@@ -1,4 +1,4 @@
-"""Apply a Plan's sharding to a model: DTensor tensor parallelism per layer, then FSDP2 over the dp axis.
+"""Apply a Plan's tensor parallelism: DTensor `parallelize_module` per layer (data parallelism: data_parallel.py).
 
 Tensor-parallel layers keep activations as DTensors between their column and row linears
 (`use_local_output=False`), so code that reshapes with global sizes (`view(b, s, n_heads, d)` with sizes read
@@ -12,7 +12,6 @@ import contextlib
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,9 +29,10 @@ def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
 
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
-    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel."""
+    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel
+    (sequence-parallel layers are left to runtime/sequence_parallel.py)."""
     for layer in plan.layers:
-        if layer.strategy != "tensor":
+        if layer.strategy != "tensor" or layer.sequence_parallel:
             continue
         module = _submodule(model, layer.path, f"layer {layer.path}")
         styles = {}
@@ -49,17 +49,6 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
                     raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
                                     f"tp={tp_mesh.size()}")
         parallelize_module(module, tp_mesh, styles)
-
-
-def apply_data_parallel(model: nn.Module, plan: Plan, dp_mesh: DeviceMesh) -> None:
-    """FSDP2 (ZeRO-3): one `fully_shard` unit per chain layer that owns parameters, then the root."""
-    for layer in plan.layers:
-        if not layer.path:
-            continue
-        module = _submodule(model, layer.path, f"layer {layer.path}")
-        if any(True for _ in module.parameters()):
-            fully_shard(module, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
 
 
 def forward_context(plan: Plan) -> contextlib.AbstractContextManager:

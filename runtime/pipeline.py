@@ -42,7 +42,9 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 from planner.model_spec import ModelSpec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
+from runtime.data_parallel import apply_data_parallel
+from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
+from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.stage_relay import produced_value, relay_skipping_values
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -90,9 +92,9 @@ def check_pipeline_supported(plan: Plan) -> None:
     """Refuse, before any rank builds anything, pipeline plans this runtime cannot run."""
     if plan.mesh.pp == 1:
         return
-    if plan.data_parallel.kind != "zero3" and plan.mesh.dp > 1:
+    if plan.data_parallel.kind in ("ddp", "zero1") and plan.mesh.dp > 1:
         raise PlanError(f"data_parallel.kind {plan.data_parallel.kind!r} with pp={plan.mesh.pp}: pipeline stages "
-                        "are sharded over dp with FSDP2 only; set data_parallel.kind to 'zero3'")
+                        "are sharded over dp with FSDP2 only; set data_parallel.kind to 'zero2' or 'zero3'")
     split_spec_for(plan)
 
 
@@ -216,7 +218,10 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
         module = pipe.get_stage_module(stage_id)
         stage_plan = dataclasses.replace(plan, layers=[layer for layer in plan.layers if layer.stage == stage_id])
         apply_tensor_parallel(module, stage_plan, mesh["tp"])
-        apply_data_parallel(module, stage_plan, mesh["dp"])
+        apply_activation_checkpointing(module, stage_plan)
+        apply_activation_offload(module, stage_plan, device)
+        if plan.data_parallel.kind not in ("ddp", "zero1"):  # those only reach here with dp = 1: nothing to do
+            apply_data_parallel(module, stage_plan, mesh, device)  # zero2 / zero3 (HSDP too): shards in place
         stages.append(pipe.build_stage(stage_id, device, group=mesh["pp"].get_group()))
         modules.append(module)
     schedule = build_schedule(plan, spec, stages)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.train import RankResult, median_step_time_s
@@ -26,15 +26,23 @@ class RunReport:
     measured_peak_memory_mib: float
     """Largest peak over ranks."""
     ranks: list[RankResult]
+    setup: str = ""
+    """One line: data-parallel kind, precision, micro-batches, checkpointed and offloaded layers."""
+    predicted_breakdown_mib: dict[str, float] = field(default_factory=dict)
+    """Predicted parameters / gradients / optimizer states / activations, keyed like MemTracker's categories."""
 
     @classmethod
     def from_ranks(cls, plan, steps: int, ranks: list[RankResult]) -> RunReport:
         mesh = {"pp": plan.mesh.pp, "dp": plan.mesh.dp, "tp": plan.mesh.tp}
+        predicted = plan.predicted
+        breakdown = {"Parameter": predicted.parameters_mib, "Gradient": predicted.gradients_mib,
+                     "Optstate": predicted.optimizer_states_mib, "Activation": predicted.activations_mib}
         return cls(world_size=plan.world_size, mesh=mesh, steps=steps,
                    losses=ranks[0].losses, predicted_step_time_ms=plan.predicted.step_time_ms,
                    measured_step_time_ms=max(median_step_time_s(r) for r in ranks) * 1e3,
                    predicted_peak_memory_mib=plan.predicted.peak_memory_mib,
-                   measured_peak_memory_mib=max(r.peak_memory_bytes for r in ranks) / MIB, ranks=ranks)
+                   measured_peak_memory_mib=max(r.peak_memory_bytes for r in ranks) / MIB, ranks=ranks,
+                   setup=describe_setup(plan), predicted_breakdown_mib=breakdown)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -49,10 +57,17 @@ class RunReport:
         Path(path).write_text(self.to_json())
 
     def format(self) -> str:
-        lines = [f"ran {self.steps} steps on {self.world_size} ranks (pp={self.mesh['pp']} x dp={self.mesh['dp']} x "
-                 f"tp={self.mesh['tp']})",
-                 "", "step  loss"]
-        lines += [f"{i:>4}  {loss:.6f}" for i, loss in enumerate(self.losses)]
+        lines = [f"ran {self.steps} steps on {self.world_size} ranks (pp={self.mesh['pp']} x dp={self.mesh['dp']} "
+                 f"x tp={self.mesh['tp']})"]
+        if self.setup:
+            lines.append(self.setup)
+        lines += ["", "step  loss        step time (ms, slowest rank)"]
+        tracked = self.ranks[0].tracked_step if self.ranks else -1
+        for i, loss in enumerate(self.losses):
+            times = [r.every_step_time_s[i] for r in self.ranks if len(r.every_step_time_s) > i]
+            time_text = f"{max(times) * 1e3:>12.3f}" if times else f"{'':>12}"
+            note = "  (warm-up)" if i == 0 and self.steps > 1 else "  (memory tracked)" if i == tracked else ""
+            lines.append(f"{i:>4}  {loss:.6f}  {time_text}{note}")
         lines += ["", f"{'':<26}{'predicted':>12}{'measured':>12}{'error':>9}"]
 
         def row(name: str, predicted: float, measured: float) -> str:
@@ -61,7 +76,31 @@ class RunReport:
 
         lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms))
         lines.append(row("peak memory (MiB/rank)", self.predicted_peak_memory_mib, self.measured_peak_memory_mib))
-        lines += ["", "rank  step time (ms, median)  peak memory (MiB)"]
+        fullest = max(self.ranks, key=lambda r: r.peak_memory_bytes) if self.ranks else None
+        if fullest is not None and fullest.memory_breakdown_bytes:
+            for category, predicted_mib in self.predicted_breakdown_mib.items():
+                measured_mib = fullest.memory_breakdown_bytes.get(category, 0) / MIB
+                lines.append(row(f"  {category.lower()} at peak", predicted_mib, measured_mib))
+        lines += ["", "rank  step time (ms, median)  peak memory (MiB)  predicted (MiB)"]
         for r in self.ranks:
-            lines.append(f"{r.rank:>4}  {median_step_time_s(r) * 1e3:>22.3f}  {r.peak_memory_bytes / MIB:>17.3f}")
+            lines.append(f"{r.rank:>4}  {median_step_time_s(r) * 1e3:>22.3f}  {r.peak_memory_bytes / MIB:>17.3f}"
+                         f"  {self.predicted_peak_memory_mib:>15.3f}")
         return "\n".join(lines)
+
+
+def describe_setup(plan) -> str:
+    """The plan's data-parallel and memory choices in one line, e.g. `zero3 (replicate 2), bfloat16/float32, ...`."""
+    dpp = plan.data_parallel
+    parts = [dpp.kind + (f" (HSDP replicate {dpp.replicate})" if dpp.replicate > 1 else "")
+             + (", keep params after forward" if dpp.kind == "zero3" and not dpp.reshard_after_forward else "")
+             + (", CPU offload" if dpp.offload else "")]
+    parts.append(f"compute {plan.precision.param_dtype}, reduce {plan.precision.reduce_dtype}")
+    parts.append(f"{plan.pipeline.num_microbatches} micro-batch(es) per step")
+    for kind in ("full", "selective"):
+        count = sum(layer.checkpoint == kind for layer in plan.layers)
+        if count:
+            parts.append(f"{kind} checkpointing on {count} layer(s)")
+    offloaded = sum(layer.offload_activations for layer in plan.layers)
+    if offloaded:
+        parts.append(f"activations offloaded on {offloaded} layer(s)")
+    return "; ".join(parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +16,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from planner.model_spec import ModelSpec, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.data_parallel import (
+    apply_data_parallel,
+    autocast_context,
+    build_optimizer,
+    check_data_parallel_supported,
+    set_gradient_sync,
+)
 from runtime.measure import PeakMemoryProbe
-from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
+from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
+from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
+from runtime.sequence_parallel import apply_sequence_parallel
 
 
 @dataclass
@@ -31,6 +41,10 @@ class RankResult:
     """Wall time of each timed step (the warm-up step and the memory-tracked step are not timed)."""
     peak_memory_bytes: int
     memory_breakdown_bytes: dict[str, int] = field(default_factory=dict)
+    every_step_time_s: list[float] = field(default_factory=list)
+    """Wall time of every step, warm-up and memory-tracked (slowed by MemTracker on CPU) steps included."""
+    tracked_step: int = -1
+    """The step whose peak memory was measured."""
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -45,18 +59,7 @@ def device_for(plan: Plan) -> torch.device:
 def check_runtime_supports(plan: Plan) -> None:
     """Refuse, before any rank builds anything, plan features this runtime cannot run yet."""
     missing = []
-    # with dp = 1 every kind is the same (nothing to replicate or shard): FSDP2 over one rank runs it
-    if (plan.data_parallel.kind != "zero3" and plan.mesh.dp > 1) or plan.data_parallel.replicate > 1 \
-            or plan.data_parallel.offload:
-        missing.append(f"data_parallel {plan.data_parallel}")
-    if plan.precision.param_dtype != "float32" or plan.precision.reduce_dtype != "float32":
-        missing.append(f"mixed precision {plan.precision}")
-    if plan.mesh.pp == 1 and plan.pipeline.num_microbatches > 1:
-        missing.append(f"gradient accumulation ({plan.pipeline.num_microbatches} micro-batches)")
-    for layer in plan.layers:
-        if layer.checkpoint != "none" or layer.offload_activations or layer.sequence_parallel:
-            missing.append(f"layer {layer.path}: checkpoint={layer.checkpoint}, offload_activations="
-                           f"{layer.offload_activations}, sequence_parallel={layer.sequence_parallel}")
+    missing += check_data_parallel_supported(plan)
     if missing:
         raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
     check_pipeline_supported(plan)
@@ -72,10 +75,15 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
 
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
-    """Shard `spec.model` in place per the plan: tensor parallel over tp, then FSDP2 over dp."""
+    """Shard `spec.model` per the plan: tensor (and sequence) parallel over tp, activation checkpointing and
+    offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
+    zero1, else `spec.model`)."""
+    device = mesh.device_type
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
-    apply_data_parallel(spec.model, plan, mesh["dp"])
-    return spec.model
+    apply_sequence_parallel(spec.model, plan, mesh["tp"])
+    apply_activation_checkpointing(spec.model, plan)
+    apply_activation_offload(spec.model, plan, torch.device(device))
+    return apply_data_parallel(spec.model, plan, mesh, torch.device(device))
 
 
 def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch.device):
@@ -85,15 +93,41 @@ def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch
     return inputs, targets.chunk(dp)[dp_rank].to(device)
 
 
+def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targets, device: torch.device,
+                     next_microbatch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Forward and backward of this rank's batch in `plan.pipeline.num_microbatches` micro-batches (pp = 1).
+
+    Each micro-batch loss is divided by the number of micro-batches, so the accumulated gradient is the
+    gradient of the batch mean; gradient sync runs on the last micro-batch only. Returns the local batch loss
+    (detached). `next_microbatch` runs before every micro-batch after the first (the memory probe's reset).
+    """
+    count = plan.pipeline.num_microbatches
+    if targets.shape[0] % count:
+        raise PlanError(f"this rank's batch of {targets.shape[0]} samples cannot be split into "
+                        f"{count} micro-batches; choose num_microbatches dividing global batch / dp")
+    micro_inputs = [t.chunk(count) if isinstance(t, torch.Tensor) else [t] * count for t in inputs]
+    micro_targets = targets.chunk(count)
+    total = None
+    for index in range(count):
+        if count > 1:
+            set_gradient_sync(model, plan, index == count - 1)
+        if index > 0 and next_microbatch is not None:
+            next_microbatch()
+        with forward_context(plan), autocast_context(plan, device):
+            loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
+        (loss / count).backward()
+        part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / count
+        total = part if total is None else total + part
+    return total
+
+
 def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer, plan: Plan, inputs,
-               targets) -> torch.Tensor:
+               targets, device: torch.device, next_microbatch: Callable[[], None] | None = None) -> torch.Tensor:
     """One forward/backward/AdamW step; returns the local loss (detached)."""
-    with forward_context(plan):
-        loss = spec.loss_fn(model(*inputs), targets)
-    loss.backward()
+    loss = forward_backward(model, spec, plan, inputs, targets, device, next_microbatch)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def pipelined_train_step(parts: PipelineParts, plan: Plan, optimizer: torch.optim.Optimizer, inputs, targets,
@@ -121,36 +155,38 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         model = nn.ModuleList(parts.modules)
     else:
         model = build_parallel_model(plan, spec, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
+    optimizer = build_optimizer(model, plan, mesh, spec.learning_rate)
 
-    def step_once(inputs, targets) -> torch.Tensor:
+    def step_once(inputs, targets, next_microbatch=None) -> torch.Tensor:
         if parts is not None:
             return pipelined_train_step(parts, plan, optimizer, inputs, targets, mesh)
-        return train_step(model, spec, optimizer, plan, inputs, targets)
+        return train_step(model, spec, optimizer, plan, inputs, targets, device, next_microbatch)
 
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = 1 if steps >= 3 else steps - 1
-    losses, times = [], []
+    losses, times, every_time = [], [], []
     for step in range(steps):
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
         dist.barrier()
         start = time.perf_counter()
         if step == tracked_step:
-            with probe.track(model, optimizer):
-                loss = step_once(inputs, targets)
+            with probe.track(model, optimizer) as next_microbatch:
+                loss = step_once(inputs, targets, next_microbatch)
         else:
             loss = step_once(inputs, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
+        every_time.append(elapsed)
         if step != tracked_step and (step > 0 or steps == 1):
             times.append(elapsed)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
     return RankResult(rank=dist.get_rank(), losses=losses, step_times_s=times,
                       peak_memory_bytes=probe.result.peak_bytes,
-                      memory_breakdown_bytes=probe.result.breakdown_bytes)
+                      memory_breakdown_bytes=probe.result.breakdown_bytes, every_step_time_s=every_time,
+                      tracked_step=tracked_step)
 
 
 def median_step_time_s(result: RankResult) -> float:

@@ -1,11 +1,18 @@
-"""Run under torchrun: train a plan with the runtime and, in the same process, an unsharded single-process
-reference from the same seed; write the largest differences (loss, gradients, parameters) as JSON.
+"""Run under torchrun: train each given plan with the runtime's own step (`runtime.train.forward_backward`, then
+the runtime's optimizer) and, in the same process, an unsharded single-process reference from the same seed;
+write the largest differences (loss, gradients, parameters) per plan as JSON, with rank 0's peak memory
+of the second step's forward and backward (MemTracker, by category).
 
-    torchrun --nproc-per-node=4 tests/parity_worker.py plan.yaml out.json STEPS DTYPE
+    torchrun --nproc-per-node=4 tests/parity_worker.py out.json STEPS DTYPE plan1.yaml [plan2.yaml ...]
+
+Several plans share one launch because starting the processes costs more than a few steps of a tiny model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import json
 import sys
 from pathlib import Path
@@ -16,23 +23,63 @@ from torch.distributed.tensor import DTensor
 
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
-from runtime.parallelize import forward_context
-from runtime.train import build_mesh, build_parallel_model, device_for, local_batch
+from runtime.data_parallel import DDP_KINDS, build_optimizer
+from runtime.measure import PeakMemoryProbe
+from runtime.train import build_mesh, build_parallel_model, device_for, forward_backward, local_batch
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
+def full(t: torch.Tensor, spec=None) -> torch.Tensor:
+    """The whole tensor: DTensors are gathered; local shards of tensor-parallel parameters under DDP (tagged
+    `_st_info` by `_pre_dp_module_transform`) are rebuilt as DTensors first."""
+    if spec is not None and not isinstance(t, DTensor):
+        t = DTensor.from_local(t, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride)
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def main() -> None:
-    plan_path, out_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_default_dtype(getattr(torch, sys.argv[4]))
+def model_parameters(model: torch.nn.Module):
+    """(name, parameter) with the DDP wrapper's `module.` prefix removed, so names match the reference."""
+    for name, p in model.named_parameters():
+        yield name.removeprefix("module."), p
+
+
+def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor:
+    """The single-process reference: the global batch in one go, or, under mixed precision, the same
+    low-precision semantics as the runtime on each dp rank's slice with gradients averaged in fp32.
+
+    ddp and zero1 run the fp32 model under `torch.autocast`; the FSDP2 kinds run a copy of the model cast to
+    param_dtype (what `MixedPrecisionPolicy` all-gathers) and reduce its gradients in fp32.
+    """
+    inputs, targets = reference.make_batch(reference.global_batch_size, step)
+    if plan.precision.param_dtype == "float32":  # full precision: the default dtype (float64 tests too)
+        loss = reference.loss_fn(reference.model(*inputs), targets)
+        loss.backward()
+        return loss.detach()
+    param_dtype = getattr(torch, plan.precision.param_dtype)
+    dp = plan.mesh.dp
+    losses = []
+    for index in range(dp):
+        shard_inputs = tuple(t.chunk(dp)[index] for t in inputs)
+        if plan.data_parallel.kind in DDP_KINDS:
+            with torch.autocast("cpu", dtype=param_dtype):
+                loss = reference.loss_fn(reference.model(*shard_inputs), targets.chunk(dp)[index])
+            (loss / dp).backward()
+        else:
+            low = copy.deepcopy(reference.model).to(param_dtype)
+            loss = reference.loss_fn(low(*shard_inputs), targets.chunk(dp)[index])
+            loss.backward()
+            for p, p_low in zip(reference.model.parameters(), low.parameters(), strict=True):
+                grad = p_low.grad.to(p.dtype) / dp
+                p.grad = grad if p.grad is None else p.grad + grad
+        losses.append(loss.detach().float())
+    return torch.stack(losses).mean()
+
+
+def run_plan(plan_path: str, steps: int) -> dict:
     plan = Plan.load(plan_path)
-    dist.init_process_group("gloo")
     device = device_for(plan)
     mesh = build_mesh(plan, device)
     torch.manual_seed(plan.seed)
@@ -40,41 +87,48 @@ def main() -> None:
     torch.manual_seed(plan.seed)
     reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
     model = build_parallel_model(plan, spec, mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
+    opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     dp_rank = mesh["dp"].get_local_rank()
+    probe = PeakMemoryProbe(device)
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     worst_names = {"grad": "", "param": ""}
     losses = []
+    ref_params = dict(reference.model.named_parameters())
     for step in range(steps):
         inputs, targets = local_batch(spec, step, dp_rank, plan.mesh.dp, device)
-        with forward_context(plan):
-            loss = spec.loss_fn(model(*inputs), targets)
-        loss.backward()
-        ref_inputs, ref_targets = reference.make_batch(spec.global_batch_size, step)
-        ref_loss = reference.loss_fn(reference.model(*ref_inputs), ref_targets)
-        ref_loss.backward()
-        global_loss = loss.detach().clone()
+        with probe.track(model, opt) if step == 1 else contextlib.nullcontext(None) as next_microbatch:
+            global_loss = forward_backward(model, spec, plan, inputs, targets, device, next_microbatch)
+        ref_loss = reference_forward_backward(reference, plan, step)
         dist.all_reduce(global_loss, group=mesh["dp"].get_group())
         global_loss /= plan.mesh.dp
         losses.append((global_loss.item(), ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(global_loss.item() - ref_loss.item()) / abs(ref_loss.item()))
-        ref_params = dict(reference.model.named_parameters())
-        for name, p in model.named_parameters():
-            diff = rel_diff(full(p.grad), ref_params[name].grad)
+        for name, p in model_parameters(model):
+            diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], worst_names["grad"] = diff, f"{name} at step {step}"
         opt.step()
         opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
-    ref_params = dict(reference.model.named_parameters())
-    for name, p in model.named_parameters():
-        diff = rel_diff(full(p.detach()), ref_params[name].detach())
+    for name, p in model_parameters(model):
+        diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
+    return {"worst": worst, "where": worst_names, "losses": losses,
+            "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
+
+
+def main() -> None:
+    out_path, steps = sys.argv[1], int(sys.argv[2])
+    torch.set_default_dtype(getattr(torch, sys.argv[3]))
+    dist.init_process_group("gloo")
+    results = {plan_path: run_plan(plan_path, steps) for plan_path in sys.argv[4:]}
     if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({"worst": worst, "where": worst_names, "losses": losses}))
+        Path(out_path).write_text(json.dumps(results))
+    gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
+    # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
     dist.barrier()  # no rank tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 

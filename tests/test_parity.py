@@ -28,16 +28,20 @@ TOLERANCE = {"float64": {"loss": 1e-9, "grad": 1e-9, "param": 1e-9},
 STEPS = 5
 
 
-def run_parity(plan_obj, tmp_path: Path, dtype: str) -> dict:
-    plan_file = tmp_path / "plan.yaml"
-    plan_obj.save(plan_file)
+def run_parity(plans: dict, tmp_path: Path, dtype: str, steps: int = STEPS) -> dict:
+    """Run every plan of `plans` (name -> Plan, one world size) in one torchrun launch; results by name."""
+    files = {}
+    for name, plan_obj in plans.items():
+        files[name] = tmp_path / f"{name}.yaml"
+        plan_obj.save(files[name])
     out = tmp_path / "parity.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={plan_obj.world_size}", str(ROOT / "tests" / "parity_worker.py"),
-               str(plan_file), str(out), str(STEPS), dtype]
+    world_size = next(iter(plans.values())).world_size
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+               str(ROOT / "tests" / "parity_worker.py"), str(out), str(steps), dtype, *map(str, files.values())]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    return {name: results[str(path)] for name, path in files.items()}
 
 
 def force_tensor_parallel(plan_obj):
@@ -61,6 +65,6 @@ def test_gpt_matches_single_process(mesh, dtype, tmp_path):
     if mesh[2] > 1:
         plan_obj = force_tensor_parallel(plan_obj)
         assert sum(layer.strategy == "tensor" for layer in plan_obj.layers) == 4
-    result = run_parity(plan_obj, tmp_path, dtype)
+    result = run_parity({"plan": plan_obj}, tmp_path, dtype)["plan"]
     for quantity, tolerance in TOLERANCE[dtype].items():
         assert result["worst"][quantity] < tolerance, (quantity, result)
