@@ -2,7 +2,7 @@
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
     meshplan show plan.yaml
-    meshplan execute plan.yaml --steps 5
+    meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
 User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2.
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive_int, default=5)
     e.add_argument("--report-json", help="also write the run report as JSON here")
     e.add_argument("--quiet", action="store_true", help="do not print the report")
+    e.add_argument("--checkpoint-dir", help="save model and optimizer state here (torch.distributed.checkpoint) "
+                                            "every --checkpoint-every steps and after the last")
+    e.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: only at "
+                                                                  "the end)")
+    e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir "
+                                                         "(saved under any mesh); --steps is the total step count")
     c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
                                          "YAML for --cluster (starts torchrun when needed)")
     from costmodel.calibrate import add_arguments
@@ -117,11 +123,18 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "execute":
         from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun
 
+        checkpoint_kwargs = dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                                 resume=args.resume)
         if inside_torchrun():
+            from runtime.checkpointing import CheckpointOptions
+
             plan_dir = Path(os.environ.get("MESHPLAN_PLAN_DIR", Path(args.plan).resolve().parent))
-            run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet)
+            checkpoint = None if args.checkpoint_dir is None else \
+                CheckpointOptions(args.checkpoint_dir, args.checkpoint_every, args.resume)
+            run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet,
+                                 checkpoint)
         else:
-            execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet)
+            execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet, **checkpoint_kwargs)
         return 0
     if args.command == "calibrate":
         from costmodel.calibrate import calibrate

@@ -22,6 +22,7 @@ from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported
 from runtime.report import RunReport
 from runtime.train import check_runtime_supports, run_rank
 
@@ -45,23 +46,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_in_this_process_group(plan: Plan, steps: int, plan_dir: Path | None) -> RunReport:
+def run_in_this_process_group(plan: Plan, steps: int, plan_dir: Path | None,
+                              checkpoint: CheckpointOptions | None = None) -> RunReport:
     """Train on this rank and gather every rank's result into one report (returned on every rank)."""
-    result = run_rank(plan, steps, plan_dir)
+    result = run_rank(plan, steps, plan_dir, checkpoint)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     return RunReport.from_ranks(plan, steps, gathered)
 
 
 def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_path=None,
-                         quiet: bool = False) -> RunReport:
+                         quiet: bool = False, checkpoint: CheckpointOptions | None = None) -> RunReport:
     """This rank's part of a torchrun job: init the process group, train, gather; rank 0 prints and saves."""
     backend = "nccl" if plan.cluster.get("backend") == "nccl" else "gloo"
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group(backend)
     try:
-        report = run_in_this_process_group(plan, steps, plan_dir)
+        report = run_in_this_process_group(plan, steps, plan_dir, checkpoint)
         gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
         # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
@@ -77,18 +79,31 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
 
 
 def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | os.PathLike | None = None,
-            quiet: bool = False) -> RunReport:
-    """Run `steps` training steps of `plan` (a Plan or a plan YAML path) and return the RunReport."""
+            quiet: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, resume: bool = False) -> RunReport:
+    """Run training steps 0 .. `steps` - 1 of `plan` (a Plan or a plan YAML path) and return the RunReport.
+
+    With `checkpoint_dir`, model and optimizer state are saved there with torch.distributed.checkpoint every
+    `checkpoint_every` steps and after the last; `resume` starts from the latest checkpoint there (any mesh).
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = CheckpointOptions(checkpoint_dir, checkpoint_every, resume)
+        checkpoint.validate()
+    elif checkpoint_every is not None or resume:
+        raise PlanError("checkpoint_every and resume need checkpoint_dir (where checkpoints are written and read)")
     plan_dir = None
     if not isinstance(plan, Plan):
         plan_dir = Path(plan).resolve().parent
         plan = Plan.load(plan)
     if inside_torchrun():
-        return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet)
+        return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint)
 
     check_runtime_supports(plan)
+    if checkpoint is not None:
+        check_checkpointing_supported(plan)
     check_plan_matches_model(plan, plan_dir)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"
@@ -103,6 +118,8 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
                    "--steps", str(steps), "--report-json", str(report_file)]
         if quiet:
             command.append("--quiet")
+        if checkpoint is not None:
+            command += checkpoint.cli_args()
         completed = subprocess.run(command, env=env)
         if completed.returncode != 0:
             raise RuntimeError(f"torchrun exited with status {completed.returncode}; see the rank output above")

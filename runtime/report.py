@@ -63,11 +63,13 @@ class RunReport:
             lines.append(self.setup)
         lines += ["", "step  loss        step time (ms, slowest rank)"]
         tracked = self.ranks[0].tracked_step if self.ranks else -1
+        first = self.ranks[0].first_step if self.ranks else 0  # > 0 when resumed from a checkpoint
         for i, loss in enumerate(self.losses):
             times = [r.every_step_time_s[i] for r in self.ranks if len(r.every_step_time_s) > i]
             time_text = f"{max(times) * 1e3:>12.3f}" if times else f"{'':>12}"
-            note = "  (warm-up)" if i == 0 and self.steps > 1 else "  (memory tracked)" if i == tracked else ""
-            lines.append(f"{i:>4}  {loss:.6f}  {time_text}{note}")
+            step = first + i
+            note = "  (warm-up)" if i == 0 and len(self.losses) > 1 else "  (memory tracked)" if step == tracked else ""
+            lines.append(f"{step:>4}  {loss:.6f}  {time_text}{note}")
         lines += ["", f"{'':<26}{'predicted':>12}{'measured':>12}{'error':>9}"]
 
         def row(name: str, predicted: float, measured: float) -> str:

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from planner.model_spec import ModelSpec, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, load_checkpoint, save_checkpoint
 from runtime.data_parallel import (
     apply_data_parallel,
     autocast_context,
@@ -45,6 +46,8 @@ class RankResult:
     """Wall time of every step, warm-up and memory-tracked (slowed by MemTracker on CPU) steps included."""
     tracked_step: int = -1
     """The step whose peak memory was measured."""
+    first_step: int = 0
+    """The step `losses[0]` belongs to: 0, or the checkpoint's step when resumed."""
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -139,9 +142,15 @@ def pipelined_train_step(parts: PipelineParts, plan: Plan, optimizer: torch.opti
     return loss
 
 
-def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult:
-    """Run `steps` training steps of `plan` on this rank (process group already initialised)."""
+def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
+             checkpoint: CheckpointOptions | None = None) -> RankResult:
+    """Run training steps 0 .. `steps` - 1 of `plan` on this rank (process group already initialised); with
+    `checkpoint`, save every `checkpoint.every` steps and at the end, and with `checkpoint.resume` start from the
+    latest checkpoint's step instead of 0 (runtime/checkpointing.py)."""
     check_runtime_supports(plan)
+    if checkpoint is not None:
+        checkpoint.validate()
+        check_checkpointing_supported(plan)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
     torch.manual_seed(plan.seed)
@@ -162,11 +171,16 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
             return pipelined_train_step(parts, plan, optimizer, inputs, targets, mesh)
         return train_step(model, spec, optimizer, plan, inputs, targets, device, next_microbatch)
 
+    start_step = load_checkpoint(checkpoint.directory, model, optimizer, plan) if checkpoint and checkpoint.resume \
+        else 0
+    if start_step >= steps:
+        raise PlanError(f"the checkpoint is at step {start_step} and --steps {steps} asks for no more; --steps is the "
+                        f"total step count, pass more than {start_step}")
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
-    tracked_step = 1 if steps >= 3 else steps - 1
+    tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
-    for step in range(steps):
+    for step in range(start_step, steps):
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
         dist.barrier()
         start = time.perf_counter()
@@ -179,14 +193,16 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         every_time.append(elapsed)
-        if step != tracked_step and (step > 0 or steps == 1):
+        if step != tracked_step and (step > start_step or steps - start_step == 1):
             times.append(elapsed)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
+        if checkpoint is not None and (step + 1 == steps or (checkpoint.every and (step + 1) % checkpoint.every == 0)):
+            save_checkpoint(checkpoint.directory, step + 1, model, optimizer, plan)
     return RankResult(rank=dist.get_rank(), losses=losses, step_times_s=times,
                       peak_memory_bytes=probe.result.peak_bytes,
                       memory_breakdown_bytes=probe.result.breakdown_bytes, every_step_time_s=every_time,
-                      tracked_step=tracked_step)
+                      tracked_step=tracked_step, first_step=start_step)
 
 
 def median_step_time_s(result: RankResult) -> float:

@@ -1,0 +1,209 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): save every K steps, resume, reshard on load.
+
+What a checkpoint holds: the model and AdamW state as `torch.distributed.checkpoint.state_dict.get_state_dict`
+returns them (FSDP2 / DTensor shards, DDP unwrapped, keys are the model's own FQNs), the CPU (and CUDA) RNG
+state, and `meshplan.json` (step, model fingerprint, the plan's mesh). The data of step s is
+`make_batch(..., s)`, so the step number is the data position. DCP writes each rank's shards plus global
+metadata, and loading reshards to whatever mesh the resuming plan has (dp4 zero3 -> dp2 x tp2, ddp, pp).
+
+Layout and crash safety: a save writes `DIR/step-000123.tmp`; after every rank has written (a barrier), rank 0
+renames it to `DIR/step-000123`, points `DIR/latest` at it (write a temporary file, then `os.replace`) and
+removes all but the newest `KEEP` checkpoints (and earlier crashes' `.tmp` leftovers). A crash mid-write leaves only a `.tmp` directory, which resume
+never reads; `latest` always names a complete checkpoint.
+
+Pipeline plans train an `nn.ModuleList` of stage modules whose parameters keep the original FQNs, so
+get_state_dict's keys gain the list index (`0.blocks.2.attn.q.weight`); the index is dropped on save and put
+back on load, so pipeline and non-pipeline plans read each other's checkpoints.
+
+Not supported (refused with PlanError before training): zero1, whose ZeroRedundancyOptimizer keeps its state
+per rank with a rank-local layout that DCP's state_dict helpers cannot reshard; ddp with tensor parallelism,
+whose DDP holds tensor-parallel parameters as plain local shards (no DTensor), which DCP would save as
+conflicting copies of one key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from planner.plan import Plan
+from planner.plan_schema import PlanError
+
+KEEP = 2
+"""Complete checkpoints kept; older ones are deleted after each save."""
+LATEST = "latest"
+META = "meshplan.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Flat optimizer keys (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`): each entry names its parameter, so
+ranks holding different parameters (pipeline stages) and different meshes agree on the keys."""
+
+
+@dataclass
+class CheckpointOptions:
+    """Where and how often to checkpoint, and whether to resume from the latest checkpoint there."""
+
+    directory: str | os.PathLike
+    every: int | None = None
+    """Save every this many steps (and always after the last step); None saves only at the end."""
+    resume: bool = False
+
+    def validate(self) -> None:
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 1):
+            raise PlanError(f"checkpoint_every must be a positive integer, got {self.every!r}")
+        path = Path(self.directory)
+        if path.exists() and not path.is_dir():
+            raise PlanError(f"checkpoint_dir {path} exists and is not a directory; give a directory path")
+
+    def cli_args(self) -> list[str]:
+        args = ["--checkpoint-dir", str(Path(self.directory).resolve())]
+        if self.every is not None:
+            args += ["--checkpoint-every", str(self.every)]
+        return args + (["--resume"] if self.resume else [])
+
+
+def check_checkpointing_supported(plan: Plan) -> None:
+    """Refuse plans whose state DCP cannot save and reshard here (see the module docstring)."""
+    kind = plan.data_parallel.kind
+    if kind == "zero1":
+        raise PlanError("checkpointing a zero1 plan: ZeroRedundancyOptimizer keeps its AdamW state per rank in a "
+                        "layout torch.distributed.checkpoint cannot reshard; use data_parallel.kind zero2 or zero3 "
+                        "(same memory for optimizer states, DCP-compatible) or run without --checkpoint-dir")
+    if kind == "ddp" and plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers):
+        raise PlanError("checkpointing a ddp plan with tensor parallelism: DDP holds tensor-parallel parameters as "
+                        "plain local shards that torch.distributed.checkpoint would save as conflicting copies; use "
+                        "data_parallel.kind zero2 or zero3, or tp = 1")
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `directory`, oldest first (`.tmp` directories excluded)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in directory.iterdir()
+             if path.is_dir() and (match := STEP_DIR.match(path.name)) and (path / META).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint `DIR/latest` names, or the newest complete one if the pointer is missing; None if none."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if pointer.is_file():
+        path = directory / pointer.read_text().strip()
+        if STEP_DIR.match(path.name) and (path / META).is_file():
+            return path
+    complete = complete_checkpoints(directory)
+    return complete[-1][1] if complete else None
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    return json.loads((path / META).read_text())
+
+
+def check_checkpoint_matches(meta: dict, plan: Plan, path: Path) -> None:
+    """Refuse a checkpoint of another model (its graph fingerprint differs from the plan's)."""
+    if meta.get("fingerprint") != plan.model.fingerprint:
+        raise PlanError(f"checkpoint {path} is of a different model: fingerprint {meta.get('fingerprint')} "
+                        f"({meta.get('model_source')}) in the checkpoint, {plan.model.fingerprint} "
+                        f"({plan.model.source}) in the plan; resume from a checkpoint of this model or drop --resume")
+
+
+def _is_pipeline(model: nn.Module, plan: Plan) -> bool:
+    return plan.mesh.pp > 1 and isinstance(model, nn.ModuleList)
+
+
+def _strip_stage_index(key: str) -> str:
+    """`0.blocks.2.w` -> `blocks.2.w`; `state.1.head.w.exp_avg` -> `state.head.w.exp_avg`."""
+    return re.sub(r"^((?:state|param_groups)\.)?\d+\.", r"\1", key)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan) -> tuple[dict, dict, dict]:
+    """The DCP state dict (keys as saved) and the model / optimizer dicts in get_state_dict's own keys."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    if _is_pipeline(model, plan):
+        saved_model = {_strip_stage_index(k): v for k, v in model_sd.items()}
+        saved_optim = {_strip_stage_index(k): v for k, v in optim_sd.items()}
+    else:
+        saved_model, saved_optim = model_sd, optim_sd
+    state = {"model": saved_model, "optim": saved_optim, "rng": {"cpu": torch.get_rng_state()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    return state, model_sd, optim_sd
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    plan: Plan) -> Path:
+    """Save the state after `step` completed steps into `DIR/step-<step>` (collective: every rank calls it)."""
+    directory = Path(directory)
+    final = directory / _step_dir_name(step)
+    tmp = directory / (final.name + ".tmp")
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftover of the same step
+    dist.barrier()
+    state, _, _ = _state(model, optimizer, plan)
+    dcp.save(state, checkpoint_id=tmp)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        (tmp / META).write_text(json.dumps({"step": step, "fingerprint": plan.model.fingerprint,
+                                            "model_source": plan.model.source,
+                                            "mesh": [plan.mesh.pp, plan.mesh.dp, plan.mesh.tp],
+                                            "data_parallel": plan.data_parallel.kind}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = directory / (LATEST + ".tmp")
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, directory / LATEST)
+        for _, old in complete_checkpoints(directory)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+        for leftover in directory.glob("step-*.tmp"):  # earlier crashes' partial writes: never read, never needed
+            shutil.rmtree(leftover, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    plan: Plan) -> int:
+    """Load the latest complete checkpoint of `directory` into `model` and `optimizer` (resharding to this
+    plan's mesh) and restore the RNG state; returns its step. Collective: every rank calls it."""
+    path = latest_checkpoint(directory)
+    if path is None:
+        raise PlanError(f"--resume: no complete checkpoint in {directory} (looked for {LATEST} and step-NNNNNN "
+                        f"directories with {META}); run without --resume to start from step 0")
+    meta = read_checkpoint_meta(path)
+    check_checkpoint_matches(meta, plan, path)
+    state, model_sd, optim_sd = _state(model, optimizer, plan)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as err:
+        raise PlanError(f"could not load checkpoint {path} into this plan ({type(err).__name__}: {err}); it was "
+                        f"saved under mesh pp x dp x tp = {meta.get('mesh')} with {meta.get('data_parallel')}") \
+            from err
+    # dcp.load filled the tensors of `state` in place; they are the same objects as in model_sd / optim_sd
+    # (renamed keys only), but non-tensor values (param_groups' lr, ...) were replaced, so copy them back
+    if _is_pipeline(model, plan):
+        for source, target in ((state["model"], model_sd), (state["optim"], optim_sd)):
+            for key in target:
+                target[key] = source[_strip_stage_index(key)]
+    else:
+        model_sd, optim_sd = state["model"], state["optim"]
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return int(meta["step"])
