@@ -8,8 +8,8 @@ metadata, and loading reshards to whatever mesh the resuming plan has (dp4 zero3
 
 Layout and crash safety: a save writes `DIR/step-000123.tmp`; after every rank has written (a barrier), rank 0
 renames it to `DIR/step-000123`, points `DIR/latest` at it (write a temporary file, then `os.replace`) and
-removes all but the newest `KEEP` checkpoints (and earlier crashes' `.tmp` leftovers). A crash mid-write leaves only a `.tmp` directory, which resume
-never reads; `latest` always names a complete checkpoint.
+removes all but the newest `KEEP` checkpoints (and earlier crashes' `.tmp` leftovers). A crash mid-write leaves
+only a `.tmp` directory, which resume never reads; `latest` always names a complete checkpoint.
 
 Pipeline plans train an `nn.ModuleList` of stage modules whose parameters keep the original FQNs, so
 get_state_dict's keys gain the list index (`0.blocks.2.attn.q.weight`); the index is dropped on save and put

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from planner.plan import Plan
-from runtime.checkpointing import CheckpointOptions
+from runtime.checkpointing import CheckpointOptions, latest_checkpoint, read_checkpoint_meta
 from runtime.train import run_rank
 
 
@@ -69,6 +69,7 @@ def main() -> None:
     for name, plan_path in (("tp", tp), ("ddp", ddp), ("pp", pp)):
         on_rank0(lambda name=name: shutil.copytree(saved, work / name))
         results[name] = train(plan_path, 6, CheckpointOptions(work / name, resume=True))
+    results["pp_checkpoint"] = read_checkpoint_meta(latest_checkpoint(work / "pp"))
     results["from_pp"] = train(zero3, 7, CheckpointOptions(work / "pp", resume=True))
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
