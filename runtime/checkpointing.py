@@ -132,7 +132,8 @@ def _strip_stage_index(key: str) -> str:
     return re.sub(r"^((?:state|param_groups)\.)?\d+\.", r"\1", key)
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan) -> tuple[dict, dict, dict]:
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
+           with_cuda_rng: bool) -> tuple[dict, dict, dict]:
     """The DCP state dict (keys as saved) and the model / optimizer dicts in get_state_dict's own keys."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     if _is_pipeline(model, plan):
@@ -141,7 +142,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan) -> tu
     else:
         saved_model, saved_optim = model_sd, optim_sd
     state = {"model": saved_model, "optim": saved_optim, "rng": {"cpu": torch.get_rng_state()}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if with_cuda_rng:
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
     return state, model_sd, optim_sd
 
@@ -156,7 +157,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, o
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftover of the same step
     dist.barrier()
-    state, _, _ = _state(model, optimizer, plan)
+    state, _, _ = _state(model, optimizer, plan, torch.cuda.is_available() and torch.cuda.is_initialized())
     dcp.save(state, checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
@@ -177,17 +178,34 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, o
     return final
 
 
-def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    plan: Plan) -> int:
-    """Load the latest complete checkpoint of `directory` into `model` and `optimizer` (resharding to this
-    plan's mesh) and restore the RNG state; returns its step. Collective: every rank calls it."""
+def resume_step(directory: str | os.PathLike, plan: Plan, steps: int) -> tuple[Path, int]:
+    """The checkpoint `--resume` loads and its step, after checking it fits `plan` and leaves steps to run.
+
+    Reads only files (no process group): `execute` calls it before launching torchrun, so mistakes are one clear
+    PlanError instead of a failed job."""
     path = latest_checkpoint(directory)
     if path is None:
         raise PlanError(f"--resume: no complete checkpoint in {directory} (looked for {LATEST} and step-NNNNNN "
                         f"directories with {META}); run without --resume to start from step 0")
     meta = read_checkpoint_meta(path)
     check_checkpoint_matches(meta, plan, path)
-    state, model_sd, optim_sd = _state(model, optimizer, plan)
+    step = int(meta["step"])
+    if step >= steps:
+        raise PlanError(f"checkpoint {path} is at step {step} and --steps {steps} asks for no more; --steps is the "
+                        f"total step count, pass more than {step}")
+    return path, step
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    plan: Plan, steps: int) -> int:
+    """Load the latest complete checkpoint of `directory` (refused unless its step is below `steps`) into `model`
+    and `optimizer`, resharding to this plan's mesh, and restore the RNG state; returns its step. Collective: every
+    rank calls it."""
+    path, step = resume_step(directory, plan, steps)
+    meta = read_checkpoint_meta(path)
+    saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    cuda_rng = "rng.cuda" in saved_keys and torch.cuda.is_available()  # a CPU run's checkpoint has none
+    state, model_sd, optim_sd = _state(model, optimizer, plan, cuda_rng)
     try:
         dcp.load(state, checkpoint_id=path)
     except Exception as err:
@@ -206,4 +224,4 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return int(meta["step"])
+    return step

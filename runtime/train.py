@@ -171,11 +171,8 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
             return pipelined_train_step(parts, plan, optimizer, inputs, targets, mesh)
         return train_step(model, spec, optimizer, plan, inputs, targets, device, next_microbatch)
 
-    start_step = load_checkpoint(checkpoint.directory, model, optimizer, plan) if checkpoint and checkpoint.resume \
-        else 0
-    if start_step >= steps:
-        raise PlanError(f"the checkpoint is at step {start_step} and --steps {steps} asks for no more; --steps is the "
-                        f"total step count, pass more than {start_step}")
+    resumed = checkpoint is not None and checkpoint.resume
+    start_step = load_checkpoint(checkpoint.directory, model, optimizer, plan, steps) if resumed else 0
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)

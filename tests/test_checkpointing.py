@@ -27,6 +27,7 @@ from runtime.checkpointing import (
     check_checkpointing_supported,
     latest_checkpoint,
     read_checkpoint_meta,
+    resume_step,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,8 @@ def test_checkpoint_of_another_model_is_refused(scenarios):
         check_checkpoint_matches(read_checkpoint_meta(path), other, path)
     assert plans["zero3"].model.fingerprint in str(err.value) and other.model.fingerprint in str(err.value)
     check_checkpoint_matches(read_checkpoint_meta(path), plans["zero3"], path)  # its own model: accepted
+    with pytest.raises(PlanError, match="asks for no more"):
+        resume_step(work / "saved", plans["zero3"], 4)  # saved at step 4: nothing left to run
 
 
 def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
