@@ -116,17 +116,19 @@ class ConfigPricer:
                             if layer.num_params else 0 for layer in self.layers]
 
     # ---- per-layer tables -------------------------------------------------------------------------------
-    def micro_options(self, index: int, tp: int, micro_batch_size: int,
-                      param_dtype: str) -> list[tuple[LayerOption, OptionCost]]:
+    def micro_options(self, index: int, tp: int, micro_batch_size: int, param_dtype: str,
+                      pipelined: bool = False) -> list[tuple[LayerOption, OptionCost]]:
+        """Options of a layer and their per-micro-batch costs (sequence parallelism only without a pipeline)."""
         layer = self.layers[index]
-        key = (layer.kind, tp, micro_batch_size, param_dtype)
+        key = (layer.kind, tp, micro_batch_size, param_dtype, pipelined)
         if key not in self._micro:
             tp_key = (layer.kind, tp)
             if tp_key not in self._tp_ok:
                 self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
+            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=not pipelined)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
-                                for o in layer_options(layer, self._tp_ok[tp_key], self.cluster)]
+                                for o in options]
         return self._micro[key]
 
     def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
@@ -148,7 +150,8 @@ class ConfigPricer:
         overlap = self.cluster.overlap
         setup = config.data_parallel_setup()
         priced = []
-        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
+        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype,
+                                                config.pp > 1):
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
             # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)

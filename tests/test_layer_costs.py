@@ -67,3 +67,15 @@ def test_overlap_hides_fsdp_communication(cluster):
     hidden = priced(dataclasses.replace(cluster, overlap=OverlapSpec(fsdp_all_gather=1.0, gradient_reduction=1.0)))
     assert hidden.step_communication_s < exposed.step_communication_s
     assert hidden.step_communication_s >= full - 2 * exposed.micro.compute_s - 1e-12
+
+
+def test_sequence_parallel_shards_the_rest_of_the_layer(cluster):
+    # 600 of the 1000 saved bytes are inside tensor-parallel units: tp4 keeps 400 + 150; with sequence
+    # parallelism the norms and residual shard too: 100 + 150 (Korthikanti et al. 2022, section 4.2.2)
+    layer = facts(ops=[], tp_saved_bytes=600, tp_allreduce_bytes=4000, tp_units=["unit"], input_bytes=200)
+    plain = price_layer_option(layer, LayerOption("tensor"), 4, 1.0, cluster)
+    sequence = price_layer_option(layer, LayerOption("tensor", sequence_parallel=True), 4, 1.0, cluster)
+    assert (plain.activation_bytes, sequence.activation_bytes) == (550, 250)
+    # the all-reduces become reduce-scatter + all-gather (same bytes), plus gathering the layer's output
+    assert sequence.tp_communication_s > plain.tp_communication_s
+    assert sequence.compute_s < plain.compute_s
