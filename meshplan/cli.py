@@ -45,8 +45,8 @@ def _mesh(text: str) -> tuple[int, int, int]:
     return sizes if len(sizes) == 3 else (1, *sizes)
 
 
-def format_plan(plan: Plan) -> str:
-    """A readable summary of a plan: mesh, layers with their strategy, and predictions."""
+def format_plan(plan: Plan, why: bool = False) -> str:
+    """A readable summary of a plan: mesh, layers with their choices, predictions (and alternatives if `why`)."""
     p = plan.predicted
     lines = [f"model    {plan.model.source}  ({plan.model.num_parameters:,} parameters, "
              f"global batch {plan.model.global_batch_size})",
@@ -61,11 +61,16 @@ def format_plan(plan: Plan) -> str:
         extras = (" +sp" if layer.sequence_parallel else "") + (" +offload" if layer.offload_activations else "")
         lines.append(f"{layer.path or '<root>':<24}{layer.stage:>5}  {layer.strategy:<11}{layer.checkpoint:<11}"
                      f"{layer.predicted_time_ms:>11.3f}{layer.predicted_memory_mib:>14.3f}  {units}{extras}")
-    lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f}, communication "
-                  f"{p.communication_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
+    lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f} incl. recompute "
+                  f"{p.recompute_ms:.3f}, communication {p.communication_ms:.3f}, pipeline bubble "
+                  f"{p.bubble_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
               f"predicted peak memory {p.peak_memory_mib:.3f} MiB per device of {p.memory_limit_mib:.1f} allowed "
               f"(parameters {p.parameters_mib:.3f}, gradients {p.gradients_mib:.3f}, optimizer states "
-              f"{p.optimizer_states_mib:.3f}, activations {p.activations_mib:.3f})"]
+              f"{p.optimizer_states_mib:.3f}, activations and buffers {p.activations_mib:.3f})"]
+    if why:
+        lines += ["", "alternatives considered (best of each other shape):"]
+        lines += [f"  {a.summary:<52} {a.step_time_ms:>10.3f} ms {a.peak_memory_mib:>10.3f} MiB  {a.why_not}"
+                  for a in plan.alternatives] or ["  none: the mesh and data-parallel flavour were pinned"]
     return "\n".join(lines)
 
 
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")
+    s.add_argument("--why", action="store_true", help="also list the alternatives the search priced and why "
+                                                      "each lost")
     e = sub.add_parser("execute", help="train with a plan across ranks (starts torchrun when needed)")
     e.add_argument("plan")
     e.add_argument("--steps", type=_positive_int, default=5)
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}")
         return 0
     if args.command == "show":
-        print(format_plan(Plan.load(args.plan)))
+        print(format_plan(Plan.load(args.plan), why=args.why))
         return 0
     if args.command == "execute":
         from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from costmodel import Cluster, load_cluster
-from planner.model_graph import build_model_graph
+from planner.model_graph import ModelGraph, build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import (
+    PARAM_DTYPES,
     SCHEMA_VERSION,
+    Alternative,
     DataParallelPlan,
     LayerPlan,
     MeshShape,
@@ -18,7 +20,7 @@ from planner.plan import (
     TensorParallelUnitPlan,
 )
 from planner.plan_schema import PlanError
-from planner.search import MIB, search_meshes
+from planner.search import MIB, SearchResult, search_plans
 
 
 def _ms(seconds: float) -> float:
@@ -30,60 +32,67 @@ def _mib(num_bytes: float) -> float:
 
 
 def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, int, int] | None = None,
-         seed: int = 0) -> Plan:
+         seed: int = 0, param_dtype: str = "float32") -> Plan:
     """Plan training of `model` (`path/to/file.py:function`) on `world_size` devices of `cluster`.
 
     `cluster` is a preset name, a YAML path or a Cluster. `mesh=(pp, dp, tp)` pins the mesh instead of
-    searching.
+    searching it. `param_dtype` other than float32 trains in mixed precision (fp32 master weights).
     The model is built on the meta device and traced on fake tensors: no weight is allocated.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise PlanError(f"world size must be a positive integer, got {world_size!r}")
+    if param_dtype not in PARAM_DTYPES:
+        raise PlanError(f"param_dtype must be one of {list(PARAM_DTYPES)}, got {param_dtype!r}")
+    if mesh is not None and (len(mesh) != 3 or any(not isinstance(v, int) or v < 1 for v in mesh)):
+        raise PlanError(f"mesh must be three positive integers (pp, dp, tp), got {mesh!r}")
     profile = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     profile = profile.for_world_size(world_size)
     spec = load_model_spec(model, device="meta")
     graph = build_model_graph(spec)
-    if mesh is not None:
-        if len(mesh) != 3 or mesh[0] != 1:
-            raise PlanError(f"mesh must be (pp, dp, tp) with pp = 1 for now (pipeline search is not built yet), "
-                            f"got {mesh!r}")
-        mesh = mesh[1:]
-    best = search_meshes(spec.model, graph, profile, world_size, spec.global_batch_size, mesh)
-
-    layers = []
-    for layer in graph.layers:
-        strategy = best.strategies[layer.kind]
-        cost = best.costs[layer.path]
-        units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
-            if strategy == "tensor" else []
-        layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=strategy, tensor_parallel=units,
-                                predicted_time_ms=_ms(cost.time_s), predicted_memory_mib=_mib(cost.memory_bytes)))
-    costs = list(best.costs.values())
-    prediction = Prediction(
-        step_time_ms=_ms(best.step_time_s),
-        compute_ms=_ms(sum(c.compute_s for c in costs)),
-        communication_ms=_ms(sum(c.communication_s for c in costs)),
-        optimizer_ms=_ms(best.optimizer_s),
-        peak_memory_mib=_mib(best.peak_memory_bytes),
-        parameters_mib=_mib(sum(c.parameters_bytes for c in costs)),
-        gradients_mib=_mib(sum(c.gradients_bytes for c in costs)),
-        optimizer_states_mib=_mib(sum(c.optimizer_states_bytes for c in costs)),
-        activations_mib=_mib(sum(c.activations_bytes for c in costs)),
-        memory_limit_mib=_mib(profile.usable_memory_bytes),
-    )
-    result = Plan(
-        schema_version=SCHEMA_VERSION,
-        model=ModelRef(source=model, fingerprint=graph.fingerprint, num_parameters=graph.num_params,
-                       global_batch_size=spec.global_batch_size),
-        cluster=profile.to_dict(),
-        world_size=world_size,
-        mesh=MeshShape(pp=1, dp=best.dp, tp=best.tp),
-        data_parallel=DataParallelPlan(kind="zero3"),
-        precision=PrecisionPlan(),
-        pipeline=PipelinePlan(),
-        layers=layers,
-        predicted=prediction,
-        seed=seed,
-    )
+    found = search_plans(spec.model, graph, profile, world_size, spec.global_batch_size, param_dtype, mesh)
+    result = plan_from_search(model, graph, profile, world_size, spec.global_batch_size, found, seed)
     result.validate("plan")
     return result
+
+
+def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_size: int, global_batch_size: int,
+                     found: SearchResult, seed: int = 0) -> Plan:
+    """Write the search's best configuration as a Plan."""
+    best = found.best
+    config = best.config
+    starts = best.stage_starts
+    layers = []
+    for i, layer in enumerate(graph.layers):
+        priced = best.choice[i]
+        option = priced.option
+        stage = max(s for s, start in enumerate(starts) if start <= i)
+        units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
+            if option.strategy == "tensor" else []
+        memory = priced.state_bytes + priced.micro.activation_bytes
+        layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
+                                stage=stage, checkpoint=option.checkpoint,
+                                offload_activations=option.offload_activations,
+                                predicted_time_ms=_ms(priced.unit_time_s * config.num_microbatches),
+                                predicted_memory_mib=_mib(memory)))
+    b, m = best.breakdown_s, best.memory_bytes
+    prediction = Prediction(
+        step_time_ms=_ms(best.step_time_s), compute_ms=_ms(b["compute_s"]),
+        communication_ms=_ms(b["communication_s"]), optimizer_ms=_ms(b["optimizer_s"]),
+        peak_memory_mib=_mib(best.peak_memory_bytes), parameters_mib=_mib(m["parameters"]),
+        gradients_mib=_mib(m["gradients"]), optimizer_states_mib=_mib(m["optimizer_states"]),
+        activations_mib=_mib(m["activations"] + m["buffers"]), memory_limit_mib=_mib(cluster.usable_memory_bytes),
+        bubble_ms=_ms(b["bubble_s"]), recompute_ms=_ms(b["recompute_s"]))
+    alternatives = [Alternative(summary=a.config.summary, step_time_ms=_ms(a.result.step_time_s),
+                                peak_memory_mib=_mib(a.result.peak_memory_bytes), why_not=a.why_not)
+                    for a in found.alternatives]
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        model=ModelRef(source=source, fingerprint=graph.fingerprint, num_parameters=graph.num_params,
+                       global_batch_size=global_batch_size),
+        cluster=cluster.to_dict(), world_size=world_size,
+        mesh=MeshShape(pp=config.pp, dp=config.dp, tp=config.tp),
+        data_parallel=DataParallelPlan(kind=config.dp_kind, replicate=config.replicate),
+        precision=PrecisionPlan(param_dtype=config.param_dtype),
+        pipeline=PipelinePlan(schedule=config.schedule, num_microbatches=config.num_microbatches,
+                              virtual_stages=config.virtual_stages),
+        layers=layers, predicted=prediction, alternatives=alternatives, seed=seed)

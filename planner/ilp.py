@@ -1,17 +1,21 @@
-"""Choose one strategy per layer kind: minimum total time subject to per-device memory, as a PuLP ILP.
+"""Choose options for the layers on one device: minimum time subject to its memory, as a PuLP ILP.
+
+Layers are grouped: a group is a set of identical layers that also hold the same number of micro-batches
+in flight (so every option costs the same for each of them). Identical layers may still choose differently
+(checkpoint 10 of 24 blocks), so the variables are counts, not one choice per group.
 
 Legend
-    x[k, s] in {0, 1}  layer kind k uses strategy s (every layer of a kind shares the choice)
-    n[k]               number of layers of kind k
-    t[k, s], m[k, s]   time (s) and memory (bytes) of one layer of kind k under s
-    M                  memory budget per device (bytes) left after what does not depend on the choice
+    n[g, o] in {0, 1, ..., c[g]}  layers of group g that use option o
+    c[g]                          layers in group g
+    t[g, o], m[g, o]              time (s) and memory (bytes) of one layer of group g under option o
+    M                             memory budget of the device (bytes) left after what the options do not change
 
-    minimise   sum_k sum_s n[k] * t[k, s] * x[k, s]
-    subject to sum_s x[k, s] = 1                      for every k       [one strategy per kind]
-               sum_k sum_s n[k] * m[k, s] * x[k, s] <= M                [fits in device memory]
+    minimise   sum_g sum_o t[g, o] * n[g, o]
+    subject to sum_o n[g, o] = c[g]                     for every g       [every layer gets one option]
+               sum_g sum_o m[g, o] * n[g, o] <= M                         [fits in device memory]
 
-Solved with HiGHS (highspy) through PuLP, CBC when HiGHS is missing. Ties break towards the strategy listed
-first, so the answer is deterministic.
+Solved with HiGHS (highspy) through PuLP, CBC when HiGHS is missing. A tiny cost on later-listed options
+makes ties deterministic.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pulp
 
 @dataclass(frozen=True)
 class Option:
-    """One strategy's price for one layer of a kind."""
+    """One option's price for one layer of a group."""
 
     time_s: float
     memory_bytes: float
@@ -36,23 +40,24 @@ def _solver() -> pulp.LpSolver:
     return pulp.PULP_CBC_CMD(msg=False)
 
 
-def choose_strategies(options: dict[str, dict[str, Option]], counts: dict[str, int],
-                      memory_budget_bytes: float) -> dict[str, str] | None:
-    """Strategy per kind minimising total time within `memory_budget_bytes`; None when nothing fits."""
-    problem = pulp.LpProblem("meshplan_layer_strategies", pulp.LpMinimize)
-    # coefficients in ms and MiB keep the problem well conditioned
-    x = {(k, s): problem.add_variable(f"x_{i}_{j}", cat="Binary")
-         for i, (k, opts) in enumerate(options.items()) for j, s in enumerate(opts)}
-    # a tiny preference for earlier-listed strategies makes ties deterministic
-    problem += pulp.lpSum(
-        counts[k] * (opt.time_s * 1e3 + 1e-9 * j) * x[k, s]
-        for k, opts in options.items() for j, (s, opt) in enumerate(opts.items()))
-    for i, (k, opts) in enumerate(options.items()):
-        problem += pulp.lpSum(x[k, s] for s in opts) == 1, f"one_strategy_{i}"
-    problem += pulp.lpSum(counts[k] * opt.memory_bytes / 2**20 * x[k, s]
-                          for k, opts in options.items() for s, opt in opts.items()) \
+def choose_option_counts(options: dict[str, dict[str, Option]], counts: dict[str, int],
+                         memory_budget_bytes: float) -> dict[str, dict[str, int]] | None:
+    """How many layers of each group take each option, minimising time within the budget; None if nothing fits."""
+    problem = pulp.LpProblem("meshplan_layer_options", pulp.LpMinimize)
+    n = {(g, o): problem.add_variable(f"n_{i}_{j}", lowBound=0, upBound=counts[g], cat="Integer")
+         for i, (g, opts) in enumerate(options.items()) for j, o in enumerate(opts)}
+    # [Objective] time in ms, plus a tie-breaker towards earlier options far below any real difference
+    problem += pulp.lpSum((opt.time_s * 1e3 + 1e-9 * j) * n[g, o]
+                          for g, opts in options.items() for j, (o, opt) in enumerate(opts.items()))
+    # [Constraint] every layer gets exactly one option
+    for i, (g, opts) in enumerate(options.items()):
+        problem += pulp.lpSum(n[g, o] for o in opts) == counts[g], f"every_layer_{i}"
+    # [Constraint] the device's memory, in MiB to keep coefficients well conditioned
+    problem += pulp.lpSum(opt.memory_bytes / 2**20 * n[g, o]
+                          for g, opts in options.items() for o, opt in opts.items()) \
         <= memory_budget_bytes / 2**20, "fits_in_memory"
     problem.solve(_solver())
     if pulp.LpStatus[problem.status] != "Optimal":
         return None
-    return {k: next(s for s in opts if x[k, s].value() > 0.5) for k, opts in options.items()}
+    return {g: {o: round(n[g, o].value() or 0) for o in opts} for g, opts in options.items()}
+

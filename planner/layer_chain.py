@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def _repeated_stack_path(model: nn.Module) -> str | None:
+def repeated_stack_path(model: nn.Module) -> str | None:
     """Dotted path of the container holding the most same-class children (at least 2), or None."""
     best_path, best_count = None, 1
     for path, module in model.named_modules():
@@ -30,7 +30,7 @@ def find_layer_chain(model: nn.Module, first_use: dict[str, int]) -> list[str]:
     first_use maps a module path to the index of the first forward op it ran; modules that never ran are
     left out (they own no compute).
     """
-    stack_path = _repeated_stack_path(model)
+    stack_path = repeated_stack_path(model)
 
     def ran(path: str) -> int | None:
         prefix = path + "."

@@ -1,20 +1,13 @@
 """Price one layer under one strategy on one mesh: time per step and memory per device.
 
-Assumptions:
-- Compute: every aten op of the layer (LayerFacts.ops) priced alone on the profile's curves,
-  `op_time_s(flops, bytes, is_matmul, include_overhead=True)`: matmul FLOPs at the matmul efficiency for
-  that op's size, other ops memory-bound at the memory-efficiency for their bytes, plus the profile's
-  per-op launch overhead. Layers without per-op facts (hand-built tables) fall back to one matmul op and
-  one memory-bound op for the layer's totals.
+Assumptions (the skeleton's; the cost-model issue refines them):
+- Compute: matmul FLOPs at the roofline's matmul speed plus memory-bound traffic of other ops, summed.
 - Tensor parallel: ops inside units run on 1/tp of the data; each unit all-reduces its row-linear output in
   forward and the column-linear input gradient in backward (Megatron's f/g), over the tp ranks (contiguous,
   inside a node).
 - Data parallel is FSDP (ZeRO-3) over the dp ranks (strided by tp): parameters all-gathered for forward and
-  again for backward, gradients reduce-scattered.
-- Overlap: the exposed part of each communication is `exposed_time_s(comm, compute, fraction)` with the
-  profile's fractions: forward all-gather against forward compute (fsdp_all_gather), backward all-gather
-  and reduce-scatter against backward compute (fsdp_all_gather, gradient_reduction), tensor-parallel
-  all-reduces against the layer's compute (tensor_parallel, usually 0). communication_s is what is exposed.
+  again for backward, gradients reduce-scattered. No overlap with compute is assumed, so communication
+  time is added to compute time: an upper bound.
 - Memory: model states sharded by dp (and by tp for unit parameters); activations = what autograd saves
   (from the traced joint graph) scaled by micro-batch, divided by tp inside units.
 """
@@ -27,7 +20,6 @@ from costmodel import (
     Cluster,
     all_gather_time_s,
     all_reduce_time_s,
-    exposed_time_s,
     model_state_bytes,
     op_time_s,
     reduce_scatter_time_s,
@@ -81,26 +73,20 @@ def layer_cost(layer: LayerFacts, strategy: str, dp: int, tp: int, batch_scale: 
     def split(total: float, in_units: float) -> float:
         return total - in_units + in_units / shard
 
-    fwd_s, bwd_s = _compute_time_s(layer, shard, batch_scale, cluster, param_dtype)
-    compute_s = fwd_s + bwd_s
+    flops = split(layer.fwd_flops + layer.bwd_flops, layer.tp_fwd_flops + layer.tp_bwd_flops) * batch_scale
+    moved = split(layer.fwd_bytes + layer.bwd_bytes, layer.tp_fwd_bytes + layer.tp_bwd_bytes) * batch_scale
+    compute_s = op_time_s(flops, 0.0, cluster, param_dtype) + op_time_s(0.0, moved, cluster, param_dtype,
+                                                                        is_matmul=False)
     local_params = int(split(layer.num_params, layer.tp_num_params))
     bytes_per_param = layer.param_bytes / layer.num_params if layer.num_params else 4.0
     local_param_bytes = local_params * bytes_per_param
-    overlap = cluster.overlap
     communication_s = 0.0
     if shard > 1:
-        tp_s = 2 * all_reduce_time_s(layer.tp_allreduce_bytes * batch_scale, tp_group(tp), cluster)
-        communication_s += exposed_time_s(tp_s, compute_s, overlap.tensor_parallel)
+        communication_s += 2 * all_reduce_time_s(layer.tp_allreduce_bytes * batch_scale, tp_group(tp), cluster)
     if dp > 1 and local_params:
         group = dp_group(dp, tp)
-        gather_s = all_gather_time_s(local_param_bytes, group, cluster)
-        scatter_s = reduce_scatter_time_s(local_param_bytes, group, cluster)
-        communication_s += exposed_time_s(gather_s, fwd_s, overlap.fsdp_all_gather)
-        backward_gather_s = exposed_time_s(gather_s, bwd_s, overlap.fsdp_all_gather)
-        communication_s += backward_gather_s
-        # the reduce-scatter hides behind what is left of the backward window after the all-gather
-        communication_s += exposed_time_s(scatter_s, max(0.0, bwd_s - (gather_s - backward_gather_s)),
-                                          overlap.gradient_reduction)
+        communication_s += 2 * all_gather_time_s(local_param_bytes, group, cluster)
+        communication_s += reduce_scatter_time_s(local_param_bytes, group, cluster)
     states = sharded_model_state_bytes(model_state_bytes(local_params, param_dtype, "adamw"), dp, zero_stage=3)
     activations = int(split(layer.saved_bytes, layer.tp_saved_bytes) * batch_scale)
     return StrategyCost(compute_s=compute_s, communication_s=communication_s,
@@ -108,32 +94,3 @@ def layer_cost(layer: LayerFacts, strategy: str, dp: int, tp: int, batch_scale: 
                         optimizer_states_bytes=states.optimizer_states_bytes, activations_bytes=activations,
                         unsharded_parameters_bytes=int(local_param_bytes),
                         sharded_num_params=-(-local_params // dp))
-
-
-def _compute_time_s(layer: LayerFacts, shard: int, batch_scale: float, cluster: Cluster,
-                    param_dtype: str) -> tuple[float, float]:
-    """(forward, backward) seconds of the layer's ops on one rank: each op alone on the efficiency curves, plus
-    the per-op launch overhead; ops inside tensor-parallel units do 1/shard of the work."""
-    if not layer.ops:
-        def split(total: float, in_units: float) -> float:
-            return total - in_units + in_units / shard
-
-        times = []
-        for flops, tp_flops, moved, tp_moved in ((layer.fwd_flops, layer.tp_fwd_flops, layer.fwd_bytes,
-                                                  layer.tp_fwd_bytes),
-                                                 (layer.bwd_flops, layer.tp_bwd_flops, layer.bwd_bytes,
-                                                  layer.tp_bwd_bytes)):
-            times.append(op_time_s(split(flops, tp_flops) * batch_scale, 0.0, cluster, param_dtype)
-                         + op_time_s(0.0, split(moved, tp_moved) * batch_scale, cluster, param_dtype,
-                                     is_matmul=False))
-        return times[0], times[1]
-    forward_s = backward_s = 0.0
-    for op in layer.ops:
-        divisor = shard if op.tensor_parallel else 1
-        seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * batch_scale / divisor, cluster,
-                            param_dtype, is_matmul=op.is_matmul, include_overhead=True)
-        if op.phase == "forward":
-            forward_s += seconds
-        else:
-            backward_s += seconds
-    return forward_s, backward_s

@@ -9,6 +9,7 @@ Identical layers (same class, parameter shapes and op sequence) share a `kind`, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry
 
 from planner.capture import CapturedStep, capture_training_step
-from planner.layer_chain import find_layer_chain
+from planner.layer_chain import find_layer_chain, repeated_stack_path
 from planner.model_spec import ModelSpec
 from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
 
@@ -58,6 +59,13 @@ class LayerFacts:
     bwd_bytes: float = 0.0
     saved_bytes: int = 0
     """Bytes autograd keeps from forward to backward (activations), counted once per storage."""
+    matmul_saved_bytes: int = 0
+    """The part of saved_bytes produced by matmul-class ops: what selective checkpointing keeps."""
+    input_bytes: int = 0
+    """Activations entering the layer from earlier layers or the batch: what full checkpointing keeps, and
+    what a pipeline sends when a stage starts at this layer."""
+    fwd_matmul_flops: float = 0.0
+    """Forward FLOPs of matmul-class ops (selective checkpointing recomputes everything else)."""
     tp_units: list[TensorParallelUnit] = field(default_factory=list)
     tp_num_params: int = 0
     """Parameters inside tensor-parallel units (sharded by tp)."""
@@ -66,8 +74,11 @@ class LayerFacts:
     tp_fwd_bytes: float = 0.0
     tp_bwd_bytes: float = 0.0
     tp_saved_bytes: int = 0
+    tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    num_param_tensors: int = 0
+    """Parameter tensors of the layer (the optimizer pays a fixed cost per tensor)."""
     ops: list[OpFacts] = field(default_factory=list)
     """Every aten op of the layer (views included: each is one dispatch), in graph order."""
 
@@ -128,10 +139,67 @@ def _storage_key(tensor: torch.Tensor):
 
 
 def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> ModelGraph:
-    """Capture `spec`'s training step on fake tensors and summarise it per layer."""
+    """Capture `spec`'s training step on fake tensors and summarise it per layer.
+
+    A deep stack of identical blocks (96 in GPT-3) is traced with only its first two blocks: tracing cost
+    grows with depth, while every later block is the same kind as the second and gets a copy of its facts.
+    When the shortened model does not trace (its forward needs every block), the full model is traced.
+    """
     batch = sample_batch_size or spec.global_batch_size
+    stack = _identical_stack(spec.model)
+    if stack is not None:
+        parent, name, container = stack
+        setattr(parent, name, type(container)(list(container.children())[:2]))
+        try:
+            captured = capture_training_step(spec, batch)
+            short = model_graph_from_capture(spec.model, captured, batch)
+        except Exception:
+            short = None
+        finally:
+            setattr(parent, name, container)
+        if short is not None:
+            return _deepen(spec.model, short, container)
     captured = capture_training_step(spec, batch)
     return model_graph_from_capture(spec.model, captured, batch)
+
+
+def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(parent, attribute, container) of the repeated stack when it has >= 3 structurally identical blocks."""
+    path = repeated_stack_path(model)
+    if not path:
+        return None
+    container = model.get_submodule(path)
+    blocks = list(container.children())
+    if len(blocks) < 3 or len(blocks) != len(container):
+        return None
+
+    def signature(block: nn.Module) -> list:
+        return [type(block)] + [(n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()] + [
+            (n, type(m)) for n, m in block.named_modules()]
+
+    first = signature(blocks[0])
+    if any(signature(b) != first for b in blocks[1:]):
+        return None
+    parent_path, _, name = path.rpartition(".")
+    return model.get_submodule(parent_path) if parent_path else model, name, container
+
+
+def _deepen(model: nn.Module, short: ModelGraph, container: nn.Module) -> ModelGraph:
+    """The full model's graph from one traced with two blocks: blocks 2.. copy block 1's facts."""
+    prefix = next(p for p, m in model.named_modules() if m is container)
+    names = [n for n, _ in container.named_children()]
+    second = f"{prefix}.{names[1]}"
+    layers = []
+    for layer in short.layers:
+        layers.append(layer)
+        if layer.path == second:
+            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[2:])
+    digest = hashlib.sha256(short.fingerprint.encode())
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
+    return ModelGraph(graph=short.graph, layers=layers, sample_batch_size=short.sample_batch_size,
+                      fingerprint="sha256:" + digest.hexdigest()[:16],
+                      num_params=sum(p.numel() for p in model.parameters()))
 
 
 def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_batch_size: int) -> ModelGraph:
@@ -167,6 +235,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         p = params[name]
         facts[layer].num_params += p.numel()
         facts[layer].param_bytes += p.numel() * p.element_size()
+        facts[layer].num_param_tensors += 1
 
     tp_region: dict[str, bool] = {}
     node_by_name = {node.name: node for node in nodes}
@@ -185,17 +254,21 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             tp_region[name] = True
     seen_storages = set(param_storages)
     backward_users = {n.name for n in nodes if captured.phase[n.name] == "backward"}
+    counted_inputs: set[tuple[str, str]] = set()
+    made_by_matmul = _storages_made_by_matmuls(nodes)
     for node in nodes:
         layer = facts[layer_of_node[node.name]]
         val = node.meta.get("val")
         phase = captured.phase[node.name]
         in_tp = tp_region.get(node.name, False)
         flops = _node_flops(node) if node.op == "call_function" else 0.0
-        is_mm = isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket.__name__ in _MATMUL_OPS
+        is_mm = _is_matmul(node)
         moved = 0.0
         if node.op == "call_function" and not is_mm and not _is_view(node):
             moved = float(_nbytes(val) + sum(_nbytes(i.meta.get("val")) for i in node.all_input_nodes))
-        saved = 0
+        saved = matmul_saved = 0
+        if phase == "forward" and node.op == "call_function":
+            _count_layer_inputs(node, layer_of_node, captured.param_names, layer, counted_inputs)
         if phase == "forward" and node.name not in captured.param_names and any(
                 u.name in backward_users for u in node.users):
             for t in _tensors(val):
@@ -203,6 +276,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
                 if key not in seen_storages:
                     seen_storages.add(key)
                     saved += t.untyped_storage().nbytes()
+                    matmul_saved += t.untyped_storage().nbytes() if key in made_by_matmul else 0
         graph.nodes[node.name].update(
             module_path=captured.module_path[node.name], layer=layer.path, phase=phase,
             output_shapes=[tuple(t.shape) for t in _tensors(val)], flops=flops, bytes_accessed=moved,
@@ -214,10 +288,14 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             layer.fwd_flops += flops
             layer.fwd_bytes += moved
             layer.saved_bytes += saved
+            layer.matmul_saved_bytes += matmul_saved
+            if is_mm:
+                layer.fwd_matmul_flops += flops
             if in_tp:
                 layer.tp_fwd_flops += flops
                 layer.tp_fwd_bytes += moved
                 layer.tp_saved_bytes += saved
+                layer.tp_matmul_saved_bytes += matmul_saved
         else:
             layer.bwd_flops += flops
             layer.bwd_bytes += moved
@@ -230,6 +308,31 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
     num_params = sum(p.numel() for p in params.values())
     return ModelGraph(graph=graph, layers=[facts[p] for p in chain], sample_batch_size=sample_batch_size,
                       fingerprint=fingerprint, num_params=num_params)
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket.__name__ in _MATMUL_OPS
+
+
+def _storages_made_by_matmuls(nodes: list[torch.fx.Node]) -> set:
+    """Storage keys first written by a matmul-class op (views of them share the key)."""
+    producer_is_matmul: dict = {}
+    for node in nodes:
+        if node.op == "call_function" and not _is_view(node):
+            for t in _tensors(node.meta.get("val")):
+                producer_is_matmul.setdefault(_storage_key(t), _is_matmul(node))
+    return {key for key, is_mm in producer_is_matmul.items() if is_mm}
+
+
+def _count_layer_inputs(node: torch.fx.Node, layer_of_node: dict[str, str], param_names: dict[str, str],
+                        layer: LayerFacts, counted: set[tuple[str, str]]) -> None:
+    """Add to layer.input_bytes each non-parameter value `node` reads that another layer (or the batch) made."""
+    for inp in node.all_input_nodes:
+        if inp.name in param_names or layer_of_node.get(inp.name) == layer.path and inp.op != "placeholder":
+            continue
+        if (layer.path, inp.name) not in counted:
+            counted.add((layer.path, inp.name))
+            layer.input_bytes += _nbytes(inp.meta.get("val"))
 
 
 def _assign_layers(nodes: list[torch.fx.Node], captured: CapturedStep, chain: list[str]) -> dict[str, str]:

@@ -1,9 +1,16 @@
-"""Search data x tensor meshes and per-layer strategies for the fastest plan that fits in device memory.
+"""Search every configuration for the fastest plan that fits: branch and bound over ParallelConfigs.
 
-For each mesh dp x tp = world size (tp inside one node, dp dividing the global batch), every layer kind gets
-the strategies it supports (`replicate`; `tensor` when it has column/row linear units whose sizes divide
-by tp), the ILP picks one per kind, and the mesh with the lowest predicted step time wins. Ties go to the
-smaller tp, then the order meshes are listed, so the same inputs give the same plan.
+1. Enumerate configurations (planner/config_space.py): mesh pp x dp x tp, micro-batch count, pipeline
+   schedule and virtual stages, data-parallel flavour and HSDP.
+2. Order them by a cheap lower bound: m + (pp - 1) / v times the sum of every layer's fastest time per
+   micro-batch, spread over pp ranks (no communication, no memory pressure).
+3. Walk them in that order. Stop when the bound reaches the best exact step time found. Otherwise screen
+   the configuration (LP relaxation inside the pipeline partitioner: an optimistic step time) and, if that
+   can still win, solve it exactly (ILP per rank on the screened cut).
+Ties go to the configuration enumerated first, so the same inputs give the same plan.
+
+The search also keeps, for `meshplan show --why`, the best configuration of each other shape (mesh and
+data-parallel flavour) with why it lost.
 """
 
 from __future__ import annotations
@@ -12,130 +19,151 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from costmodel import Cluster, optimizer_step_time_s
-from planner.ilp import Option, choose_strategies
-from planner.layer_costs import StrategyCost, layer_cost
-from planner.model_graph import LayerFacts, ModelGraph
+from costmodel import Cluster
+from planner.config_space import ParallelConfig, enumerate_configs
+from planner.data_parallel_costs import rank_state_bytes
+from planner.evaluate_config import ConfigPricer, ConfigResult
+from planner.model_graph import ModelGraph
+from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
 from planner.plan_schema import PlanError
 
 MIB = 2**20
+NUM_ALTERNATIVES = 4
 
 
 class InfeasiblePlanError(PlanError):
-    """No mesh and strategy combination fits in device memory; the message says how much would be needed."""
+    """No configuration fits in device memory; the message says how much would be needed and what helps."""
 
 
 @dataclass
-class MeshResult:
-    """The best assignment for one mesh."""
-
-    dp: int
-    tp: int
-    strategies: dict[str, str]
-    """Kind -> strategy."""
-    costs: dict[str, StrategyCost]
-    """Layer path -> cost under the chosen strategy."""
-    step_time_s: float
-    optimizer_s: float
-    peak_memory_bytes: int
+class AlternativeResult:
+    result: ConfigResult | None
+    config: ParallelConfig
+    why_not: str
+    least_memory_bytes: int = 0
 
 
-def candidate_meshes(world_size: int, devices_per_node: int, global_batch_size: int) -> list[tuple[int, int]]:
-    """(dp, tp) pairs: tp divides world size and fits in a node, dp divides the global batch."""
-    meshes = []
-    for tp in range(1, world_size + 1):
-        if world_size % tp or tp > devices_per_node:
-            continue
-        dp = world_size // tp
-        if global_batch_size % dp == 0:
-            meshes.append((dp, tp))
-    return meshes
+@dataclass
+class SearchResult:
+    best: ConfigResult
+    alternatives: list[AlternativeResult]
+    configs_total: int
+    configs_screened: int
+    configs_solved: int
 
 
-def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bool:
-    """True when every unit's column linears split their outputs, and the row linear its inputs, by tp."""
-    if tp < 2 or not layer.tp_units:
-        return False
-    for unit in layer.tp_units:
-        for rel in unit.colwise:
-            if model.get_submodule(f"{layer.path}.{rel}" if layer.path else rel).out_features % tp:
-                return False
-        row = model.get_submodule(f"{layer.path}.{unit.rowwise}" if layer.path else unit.rowwise)
-        if row.in_features % tp:
-            return False
-    return True
+def lower_bound_s(pricer: ConfigPricer, config: ParallelConfig) -> float:
+    factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+    return factor * pricer.min_micro_time_s(config.tp, config.micro_batch_size, config.param_dtype) / config.pp
 
 
-def _strategy_options(model: nn.Module, graph: ModelGraph, dp: int, tp: int, batch_scale: float,
-                      cluster: Cluster) -> dict[str, dict[str, StrategyCost]]:
-    table: dict[str, dict[str, StrategyCost]] = {}
-    for kind, layers in graph.kinds().items():
-        layer = layers[0]
-        strategies = ["replicate"] + (["tensor"] if supports_tensor_parallel(model, layer, tp) else [])
-        table[kind] = {s: layer_cost(layer, s, dp, tp, batch_scale, cluster) for s in strategies}
-    return table
+def states_fit(graph: ModelGraph, cluster: Cluster, config: ParallelConfig) -> bool:
+    """Cheap necessary condition: model states alone, as if every parameter were sharded by tp and spread evenly
+    over pp stages, fit in device memory."""
+    local = graph.num_params // (config.tp * config.pp)
+    return rank_state_bytes(local, config.data_parallel_setup()).total_bytes <= cluster.usable_memory_bytes
 
 
-def peak_memory_bytes(costs: list[StrategyCost]) -> int:
-    """Model states and saved activations of every layer, plus the largest layer's FSDP all-gather buffer."""
-    gathered = max((c.unsharded_parameters_bytes - c.parameters_bytes for c in costs), default=0)
-    return sum(c.memory_bytes for c in costs) + gathered
+def least_memory_bytes(pricer: ConfigPricer, config: ParallelConfig) -> int:
+    """Memory of the leanest options with layers spread evenly over stages: what this shape needs at least."""
+    n = len(pricer.layers)
+    tables = [pricer.priced_options(i, config) for i in range(n)]
+    per_stage = -(-n // config.num_stages)
+    worst = 0
+    for rank in range(config.pp):
+        total = 0.0
+        for stage in range(rank, config.num_stages, config.pp):
+            f = in_flight_microbatches(config.schedule, config.pp, stage, config.num_microbatches,
+                                       config.virtual_stages)
+            for i in range(stage * per_stage, min(n, (stage + 1) * per_stage)):
+                total += min(p.state_bytes + f * p.micro.activation_bytes for p in tables[i])
+        worst = max(worst, int(total))
+    return worst + pricer.reserve_bytes(config, tables)
 
 
-def solve_mesh(model: nn.Module, graph: ModelGraph, dp: int, tp: int, cluster: Cluster,
-               global_batch_size: int) -> MeshResult | None:
-    """Best per-kind strategies on one mesh, or None if no assignment fits in memory."""
-    batch_scale = (global_batch_size / dp) / graph.sample_batch_size
-    table = _strategy_options(model, graph, dp, tp, batch_scale, cluster)
-    counts = {kind: len(layers) for kind, layers in graph.kinds().items()}
-    options = {k: {s: Option(c.time_s, c.memory_bytes) for s, c in opts.items()} for k, opts in table.items()}
-    # the all-gather buffer does not depend much on the choice: reserve the largest one up front
-    reserve = max(max(c.unsharded_parameters_bytes for c in opts.values()) for opts in table.values())
-    chosen = choose_strategies(options, counts, cluster.usable_memory_bytes - reserve)
-    if chosen is None:
-        return None
-    costs = {layer.path: table[layer.kind][chosen[layer.kind]] for layer in graph.layers}
-    optimizer_s = optimizer_step_time_s(sum(c.sharded_num_params for c in costs.values()), cluster,
-                                        optimizer="adamw", num_tensors=sum(1 for _ in model.parameters()))
-    step_time_s = sum(c.time_s for c in costs.values()) + optimizer_s
-    return MeshResult(dp=dp, tp=tp, strategies=chosen, costs=costs, step_time_s=step_time_s,
-                      optimizer_s=optimizer_s, peak_memory_bytes=peak_memory_bytes(list(costs.values())))
+def _shape(config: ParallelConfig) -> tuple:
+    return (config.pp, config.dp, config.tp, config.dp_kind, config.replicate)
 
 
-def least_memory_bytes(model: nn.Module, graph: ModelGraph, dp: int, tp: int, cluster: Cluster,
-                       global_batch_size: int) -> int:
-    """Per-device memory of the leanest strategy per kind on this mesh (for the infeasibility message)."""
-    batch_scale = (global_batch_size / dp) / graph.sample_batch_size
-    table = _strategy_options(model, graph, dp, tp, batch_scale, cluster)
-    leanest = {k: min(opts.values(), key=lambda c: c.memory_bytes) for k, opts in table.items()}
-    return peak_memory_bytes([leanest[layer.kind] for layer in graph.layers])
+def _why_not(alt: ConfigResult, best: ConfigResult) -> str:
+    slower = alt.step_time_s / best.step_time_s - 1
+    if abs(slower) < 1e-9:
+        return "ties with the chosen plan; the chosen one comes first in the search order"
+    diffs = {name.removesuffix("_s"): alt.breakdown_s.get(name, 0.0) - best.breakdown_s.get(name, 0.0)
+             for name in ("compute_s", "communication_s", "bubble_s", "optimizer_s")}
+    worst = max(diffs, key=lambda k: diffs[k])
+    return (f"{slower:+.1%} step time; most of it is {worst} "
+            f"({diffs[worst] * 1e3:+.3f} ms against the chosen plan)")
 
 
-def search_meshes(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_size: int, global_batch_size: int,
-                  mesh: tuple[int, int] | None = None) -> MeshResult:
-    """The fastest feasible MeshResult over candidate meshes (or only `mesh` when given)."""
+def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_size: int, global_batch_size: int,
+                 param_dtype: str = "float32", mesh: tuple[int, int, int] | None = None) -> SearchResult:
+    """The fastest feasible configuration, exactly solved, plus the best of each other shape."""
     if mesh is not None:
-        dp, tp = mesh
-        if dp * tp != world_size:
-            raise PlanError(f"mesh dp={dp} x tp={tp} has {dp * tp} ranks but world size is {world_size}")
+        pp, dp, tp = mesh
+        if pp * dp * tp != world_size:
+            raise PlanError(f"mesh pp={pp} x dp={dp} x tp={tp} has {pp * dp * tp} ranks but world size is "
+                            f"{world_size}")
         if global_batch_size % dp:
             raise PlanError(f"global batch {global_batch_size} is not divisible by dp={dp}")
-        meshes = [mesh]
-    else:
-        meshes = candidate_meshes(world_size, cluster.devices_per_node, global_batch_size)
-        if not meshes:
-            raise PlanError(f"no dp x tp mesh for world size {world_size}: dp must divide the global batch "
-                            f"{global_batch_size} and tp must fit in a node of {cluster.devices_per_node}")
-    best: MeshResult | None = None
-    for dp, tp in meshes:
-        result = solve_mesh(model, graph, dp, tp, cluster, global_batch_size)
-        if result is not None and (best is None or result.step_time_s < best.step_time_s * (1 - 1e-9)):
-            best = result
+        if pp > len(graph.layers):
+            raise PlanError(f"pp={pp} needs at least {pp} layers in the chain, the model has {len(graph.layers)}")
+    configs = enumerate_configs(world_size, cluster.devices_per_node, len(graph.layers), global_batch_size,
+                                param_dtype, mesh)
+    if not configs:
+        raise PlanError(f"no pp x dp x tp mesh for world size {world_size}: dp must divide the global batch "
+                        f"{global_batch_size}, tp must fit in a node of {cluster.devices_per_node}, and pp must "
+                        f"not exceed the {len(graph.layers)} layers of the chain")
+    pricer = ConfigPricer(model, graph, cluster)
+    ordered = sorted(range(len(configs)), key=lambda i: (lower_bound_s(pricer, configs[i]), i))
+    best: ConfigResult | None = None
+    best_per_shape: dict[tuple, ConfigResult] = {}
+    screened_count = solved_count = 0
+    for index in ordered:
+        config = configs[index]
+        if best is not None and lower_bound_s(pricer, config) >= best.step_time_s:
+            break
+        if not states_fit(graph, cluster, config):
+            continue
+        screened = pricer.screen(config)
+        screened_count += 1
+        if not screened.feasible:
+            continue
+        shape = _shape(config)
+        if shape not in best_per_shape or screened.step_time_s < best_per_shape[shape].step_time_s:
+            best_per_shape[shape] = screened
+        if best is not None and screened.step_time_s >= best.step_time_s:
+            continue
+        exact = pricer.solve(screened)
+        solved_count += 1
+        if exact.feasible and (best is None or exact.step_time_s < best.step_time_s * (1 - 1e-9)):
+            best = exact
     if best is None:
-        needed = min(least_memory_bytes(model, graph, dp, tp, cluster, global_batch_size) for dp, tp in meshes)
-        raise InfeasiblePlanError(
-            f"no plan fits: the leanest plan needs {needed / MIB:,.1f} MiB per device, but "
-            f"{cluster.name} allows {cluster.usable_memory_bytes / MIB:,.1f} MiB "
-            f"({cluster.usable_memory_fraction:.0%} of {cluster.device_memory_bytes / MIB:,.0f} MiB). "
-            "Use more devices, a smaller global batch, or a cluster with more memory per device.")
-    return best
+        raise _infeasible(pricer, configs, cluster)
+    alternatives = []
+    others = sorted((r for s, r in best_per_shape.items() if s != _shape(best.config)),
+                    key=lambda r: r.step_time_s)
+    for screened in others[:NUM_ALTERNATIVES]:
+        exact = pricer.solve(screened)
+        if exact.feasible:
+            alternatives.append(AlternativeResult(exact, exact.config, _why_not(exact, best)))
+    alternatives.sort(key=lambda a: a.result.step_time_s)
+    return SearchResult(best, alternatives, len(configs), screened_count, solved_count)
+
+
+def _infeasible(pricer: ConfigPricer, configs: list[ParallelConfig], cluster: Cluster) -> InfeasiblePlanError:
+    needs = [(least_memory_bytes(pricer, c), i) for i, c in enumerate(configs)]
+    needed, index = min(needs)
+    config = configs[index]
+    hints = ["use more devices", "pick a cluster with more memory per device"]
+    if config.micro_batch_size > 1:
+        hints.insert(0, f"use a smaller global batch (the leanest plan already runs micro-batches of "
+                        f"{config.micro_batch_size})")
+    if not getattr(cluster, "host_to_device_bytes_per_s", None):
+        hints.append("give the cluster profile a host<->device bandwidth so activations and model states can be "
+                     "offloaded to the host")
+    return InfeasiblePlanError(
+        f"no plan fits: the leanest plan ({config.summary}) needs {needed / MIB:,.1f} MiB per device, but "
+        f"{cluster.name} allows {cluster.usable_memory_bytes / MIB:,.1f} MiB ({cluster.usable_memory_fraction:.0%} "
+        f"of {cluster.device_memory_bytes / MIB:,.0f} MiB). To make it fit: " + "; ".join(hints) + ".")
+

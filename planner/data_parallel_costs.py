@@ -1,0 +1,120 @@
+"""Model-state memory and data-parallel communication of one device under ddp / ZeRO-1/2/3 and HSDP.
+
+These follow what the runtime does (runtime/data_parallel.py), not the ideal ZeRO paper:
+- ddp: everything replicated; gradients all-reduced once per step.
+- zero1: optimizer states sharded; gradients all-reduced, updated parameters all-gathered.
+- zero2: FSDP2 `fully_shard(reshard_after_forward=False)`: parameters gathered once per micro-batch and kept
+  until backward ends, gradients reduce-scattered, optimizer states sharded. Peak parameter memory is the
+  full (tensor-parallel-local) size.
+- zero3: FSDP2 `fully_shard`: parameters gathered for forward and again for backward, per micro-batch;
+  only the largest layer is gathered at once. Under a pipeline the stage keeps its parameters gathered across
+  micro-batches (torch.distributed.pipelining defers resharding), so they are gathered once and held.
+- Gradient accumulation (more than one micro-batch) with zero2/zero3 accumulates unsharded gradients and
+  reduce-scatters once at the end (FSDP2 `set_requires_gradient_sync(False)` until the last micro-batch).
+- HSDP: sharded over groups of dp / replicate ranks, gradients then all-reduced across the replicas.
+- offload (zero3): parameters, gradients and optimizer states live on the host; they cross the host link once
+  per step (parameters up, gradients down) and the device only holds gathered layers.
+Mixed precision keeps a float32 master copy (2 + 2 + 12 bytes per parameter for AdamW, ZeRO paper).
+Blind spots: gradient bucketing and allocator fragmentation; the optimizer step of offloaded states runs on
+the host and is priced at device speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodel import (
+    Cluster,
+    ModelStateBytes,
+    all_gather_time_s,
+    all_reduce_time_s,
+    dtype_bytes,
+    model_state_bytes,
+    reduce_scatter_time_s,
+    sharded_model_state_bytes,
+)
+
+ZERO_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+
+
+@dataclass(frozen=True)
+class DataParallelSetup:
+    """Everything about the data-parallel axis that prices model states and their communication."""
+
+    kind: str
+    dp: int
+    tp: int
+    replicate: int = 1
+    offload: bool = False
+    num_microbatches: int = 1
+    pipelined: bool = False
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+
+    @property
+    def shard_degree(self) -> int:
+        return self.dp // self.replicate
+
+    @property
+    def keeps_parameters_gathered(self) -> bool:
+        return self.kind == "zero2" or (self.kind == "zero3" and self.pipelined)
+
+
+def rank_state_bytes(local_num_params: int, setup: DataParallelSetup) -> ModelStateBytes:
+    """Parameters, gradients and optimizer states on one device at their peak during a step."""
+    mixed = setup.param_dtype != "float32"
+    full = model_state_bytes(local_num_params, setup.param_dtype, "adamw", master_weights=mixed)
+    if setup.offload:
+        return ModelStateBytes(0, 0, 0)
+    sharded = sharded_model_state_bytes(full, setup.shard_degree, ZERO_STAGE[setup.kind])
+    parameters = full.parameters_bytes if setup.keeps_parameters_gathered else sharded.parameters_bytes
+    accumulates = setup.num_microbatches > 1 and setup.kind in ("zero2", "zero3")
+    gradients = full.gradients_bytes if accumulates else sharded.gradients_bytes
+    return ModelStateBytes(parameters, gradients, sharded.optimizer_states_bytes)
+
+
+def gathered_buffer_bytes(largest_layer_local_params: int, setup: DataParallelSetup) -> int:
+    """zero3 (not kept gathered): one layer's full parameters while it runs; nothing for the other kinds."""
+    if setup.kind != "zero3" or setup.keeps_parameters_gathered or setup.shard_degree == 1:
+        return 0
+    return largest_layer_local_params * dtype_bytes(setup.param_dtype)
+
+
+def data_parallel_time_s(local_num_params: int, setup: DataParallelSetup, cluster: Cluster) -> tuple[float, float]:
+    """(gather_s, reduce_s): parameter all-gathers and gradient reductions of one device per step.
+
+    Group layout: ranks are row-major over (pp, dp, tp), so data-parallel peers are strided by tp; an HSDP
+    shard group is dp / replicate consecutive dp indices and the replica group strides over shard groups.
+    """
+    if setup.dp == 1 or local_num_params == 0:
+        return 0.0, 0.0
+    param_bytes = local_num_params * dtype_bytes(setup.param_dtype)
+    grad_bytes = local_num_params * dtype_bytes(setup.reduce_dtype)
+    shard_group = [d * setup.tp for d in range(setup.shard_degree)]
+    replica_group = [r * setup.shard_degree * setup.tp for r in range(setup.replicate)]
+    gather_s = reduce_s = 0.0
+    if setup.kind == "ddp":
+        reduce_s = all_reduce_time_s(grad_bytes, shard_group, cluster)
+    elif setup.kind == "zero1":
+        reduce_s = all_reduce_time_s(grad_bytes, shard_group, cluster)
+        gather_s = all_gather_time_s(param_bytes, shard_group, cluster)
+    else:
+        if setup.keeps_parameters_gathered:
+            gathers = 1 if setup.pipelined else setup.num_microbatches
+        else:
+            gathers = 2 * setup.num_microbatches
+        gather_s = gathers * all_gather_time_s(param_bytes, shard_group, cluster)
+        reduce_s = reduce_scatter_time_s(grad_bytes, shard_group, cluster)
+    if setup.replicate > 1:
+        reduce_s += all_reduce_time_s(grad_bytes / setup.shard_degree, replica_group, cluster)
+    return gather_s, reduce_s
+
+
+def offload_time_s(local_num_params: int, setup: DataParallelSetup, host_bytes_per_s: float | None) -> float:
+    """Host<->device traffic of offloaded model states per step: parameters up, gradients down."""
+    if not setup.offload:
+        return 0.0
+    if not host_bytes_per_s:
+        return float("inf")
+    moved = local_num_params * (dtype_bytes(setup.param_dtype) + dtype_bytes(setup.reduce_dtype))
+    return moved / setup.shard_degree / host_bytes_per_s

@@ -1,0 +1,329 @@
+"""Price one ParallelConfig: cut the chain into stages, choose every layer's option, predict time and memory.
+
+Time model. Every (layer, option) gets a unit time u = t_micro + t_step / F, where t_micro is its time per
+micro-batch (compute, recompute, tensor-parallel all-reduces, activation offload), t_step its once-per-step
+time (exposed data-parallel communication, optimizer update, model-state offload), and
+F = m + (pp - 1) / v the pipeline step factor (m micro-batches, v virtual stages; F = m without a pipeline).
+A rank's step time is F * (sum of its layers' u + pipeline sends per micro-batch); the step is the slowest
+rank. So minimising the sum of u on a rank is exactly minimising its step time, which lets one ILP per rank
+choose options with the pipeline bubble and once-per-step costs weighed correctly.
+
+Overlap: the profile's `overlap.fsdp_all_gather`, `overlap.gradient_reduction` and `overlap.pipeline_p2p`
+fractions hide that share of the corresponding communication behind compute, at most as much as the compute
+beside it (`costmodel.exposed_time_s`; the data-parallel window is the layer's compute over the step).
+
+Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
+stage's micro-batches in flight x its layers' kept activations + a reserve: the largest gathered ZeRO-3
+layer and one layer's full activations (what backward or recomputation has live at once).
+
+Two passes: `screen_config` uses the LP relaxation (planner/memory_fit.py) inside the pipeline partitioner
+to get an optimistic step time for thousands of configurations; `solve_config` re-solves the chosen cut with
+the exact ILP (planner/ilp.py) per rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from costmodel import Cluster, dtype_bytes, exposed_time_s, optimizer_step_time_s, point_to_point_time_s
+from planner.config_space import ParallelConfig
+from planner.data_parallel_costs import (
+    data_parallel_time_s,
+    gathered_buffer_bytes,
+    offload_time_s,
+    rank_state_bytes,
+)
+from planner.ilp import Option, choose_option_counts
+from planner.layer_options import (
+    TRACED_DTYPE_BYTES,
+    LayerOption,
+    OptionCost,
+    host_bandwidth_bytes_per_s,
+    layer_options,
+    price_layer_option,
+    supports_tensor_parallel,
+)
+from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
+from planner.model_graph import ModelGraph
+from planner.partition import partition_chain, stage_costs
+from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
+
+_OVERLAP_FIELDS = {"fsdp_gather_overlap": "fsdp_all_gather", "grad_reduce_overlap": "gradient_reduction",
+                   "pipeline_p2p_overlap": "pipeline_p2p"}
+
+
+def _overlap(cluster: Cluster, name: str) -> float:
+    """The profile's overlap fraction for one kind of communication (costmodel.OverlapSpec)."""
+    return getattr(cluster.overlap, _OVERLAP_FIELDS[name])
+
+
+@dataclass(frozen=True)
+class PricedOption:
+    """One option of one layer under one configuration."""
+
+    option: LayerOption
+    micro: OptionCost
+    state_bytes: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+    step_communication_s: float
+    optimizer_s: float
+    state_offload_s: float
+    unit_time_s: float
+    """t_micro + t_step / F (see the module docstring)."""
+
+
+@dataclass
+class ConfigResult:
+    """A priced configuration; `choice` is filled by solve_config (None after screening)."""
+
+    config: ParallelConfig
+    step_time_s: float
+    stage_starts: list[int]
+    choice: list[PricedOption] | None = None
+    other_stage_starts: list[list[int]] = field(default_factory=list)
+    """Other pipeline cuts worth solving exactly (the screening's runner-up)."""
+    peak_memory_bytes: int = 0
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    memory_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return math.isfinite(self.step_time_s)
+
+
+class ConfigPricer:
+    """Prices layers for configurations of one model on one cluster, caching what configurations share."""
+
+    def __init__(self, model: nn.Module, graph: ModelGraph, cluster: Cluster):
+        self.model, self.graph, self.cluster = model, graph, cluster
+        self.layers = graph.layers
+        self._micro: dict[tuple, list[tuple[LayerOption, OptionCost]]] = {}
+        self._tp_ok: dict[tuple[str, int], bool] = {}
+        self._priced: dict[tuple[str, ParallelConfig], list[PricedOption]] = {}
+        self._min_micro: dict[tuple[int, int, str], float] = {}
+        self.kinds = [layer.kind for layer in self.layers]
+        self.kind_order = list(dict.fromkeys(self.kinds))
+        # prefix[k][i] = layers of kind k among the first i layers: segment kind counts in O(kinds)
+        self.prefix = {k: [0] for k in self.kind_order}
+        for kind in self.kinds:
+            for k in self.kind_order:
+                self.prefix[k].append(self.prefix[k][-1] + (k == kind))
+        self.first_of_kind = {k: self.kinds.index(k) for k in self.kind_order}
+
+    # ---- per-layer tables -------------------------------------------------------------------------------
+    def micro_options(self, index: int, tp: int, micro_batch_size: int,
+                      param_dtype: str) -> list[tuple[LayerOption, OptionCost]]:
+        layer = self.layers[index]
+        key = (layer.kind, tp, micro_batch_size, param_dtype)
+        if key not in self._micro:
+            tp_key = (layer.kind, tp)
+            if tp_key not in self._tp_ok:
+                self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
+            scale = micro_batch_size / self.graph.sample_batch_size
+            self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
+                                for o in layer_options(layer, self._tp_ok[tp_key], self.cluster)]
+        return self._micro[key]
+
+    def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
+        """Sum over layers of their fastest time per micro-batch: the base of a configuration's lower bound."""
+        key = (tp, micro_batch_size, param_dtype)
+        if key not in self._min_micro:
+            self._min_micro[key] = sum(min(c.time_s for _, c in self.micro_options(i, *key))
+                                       for i in range(len(self.layers)))
+        return self._min_micro[key]
+
+    def priced_options(self, index: int, config: ParallelConfig) -> list[PricedOption]:
+        key = (self.kinds[index], config)
+        if key not in self._priced:
+            self._priced[key] = self._price(index, config)
+        return self._priced[key]
+
+    def _price(self, index: int, config: ParallelConfig) -> list[PricedOption]:
+        factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+        gather_hidden = _overlap(self.cluster, "fsdp_gather_overlap")
+        reduce_hidden = _overlap(self.cluster, "grad_reduce_overlap")
+        host = host_bandwidth_bytes_per_s(self.cluster)
+        priced = []
+        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
+            setup = config.data_parallel_setup()
+            states = rank_state_bytes(micro.local_num_params, setup)
+            gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
+            window_s = micro.compute_s * config.num_microbatches
+            gather_exposed_s = exposed_time_s(gather_s, window_s, gather_hidden)
+            communication_s = gather_exposed_s + exposed_time_s(
+                reduce_s, max(0.0, window_s - (gather_s - gather_exposed_s)), reduce_hidden)
+            owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
+                                                                           setup.shard_degree)
+            optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
+                                                param_dtype=config.param_dtype,
+                                                master_weights=config.param_dtype != "float32",
+                                                num_tensors=self.layers[index].num_param_tensors)
+            offload_s = offload_time_s(micro.local_num_params, setup, host)
+            unit = micro.time_s + (communication_s + optimizer_s + offload_s) / factor
+            priced.append(PricedOption(option, micro, states.total_bytes, states.parameters_bytes,
+                                       states.gradients_bytes, states.optimizer_states_bytes, communication_s,
+                                       optimizer_s, offload_s, unit))
+        return priced
+
+    # ---- screening ------------------------------------------------------------------------------------
+    def reserve_bytes(self, config: ParallelConfig, tables: list[list[PricedOption]]) -> int:
+        largest = max((min(p.micro.local_num_params for p in t) for t in tables), default=0)
+        live = max((min(p.micro.activation_bytes + p.micro.working_bytes for p in t) for t in tables), default=0)
+        return gathered_buffer_bytes(largest, config.data_parallel_setup()) + live
+
+    def p2p_s(self, config: ParallelConfig, first_layer: int) -> float:
+        """Forward activation in and its gradient back, per micro-batch, for a stage starting at first_layer."""
+        if config.pp == 1 or first_layer == 0:
+            return 0.0
+        message = self.layers[first_layer].input_bytes * config.micro_batch_size / self.graph.sample_batch_size
+        message *= dtype_bytes(config.param_dtype) / TRACED_DTYPE_BYTES
+        peer = config.dp * config.tp  # the next stage's rank for rank 0
+        hidden = _overlap(self.cluster, "pipeline_p2p_overlap")
+        return 2 * point_to_point_time_s(message, 0, peer, self.cluster) * (1 - hidden)
+
+    def screen(self, config: ParallelConfig) -> ConfigResult:
+        """Optimistic step time (LP relaxation) and the pipeline cut that achieves it."""
+        tables = [self.priced_options(i, config) for i in range(len(self.layers))]
+        budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
+        stage_budget = budget / config.virtual_stages
+        hull_cache: dict[tuple[str, float], GroupHull] = {}
+        kinds = self.kinds
+
+        def hull(index: int, in_flight: float) -> GroupHull:
+            key = (kinds[index], in_flight)
+            if key not in hull_cache:
+                hull_cache[key] = group_hull([Option(p.unit_time_s, p.state_bytes + in_flight *
+                                                     p.micro.activation_bytes) for p in tables[index]])
+            return hull_cache[key]
+
+        in_flight = [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
+                                            config.virtual_stages) for s in range(config.num_stages)]
+        prefix, first = self.prefix, self.first_of_kind
+        p2p = [self.p2p_s(config, start) for start in range(len(self.layers))]
+        memo: dict[tuple[float, int, int], float] = {}
+
+        def segment_cost(stage: int, start: int, end: int) -> float:
+            f = in_flight[stage]
+            key = (f, start, end)
+            if key not in memo:
+                groups = [(hull(first[k], f), prefix[k][end] - prefix[k][start]) for k in self.kind_order]
+                memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
+            return memo[key]
+
+        # the bottleneck cut balances stages; with virtual stages a rank runs several, and the even cut can
+        # balance ranks better, so both are candidates
+        cuts = [even_stage_starts(len(self.layers), config.num_stages)]
+        found = partition_chain(len(self.layers), config.num_stages, segment_cost)
+        if found is not None and found[0] != cuts[0]:
+            cuts.insert(0, found[0])
+        factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+        priced = []
+        for starts in cuts:
+            costs = stage_costs(starts, len(self.layers), segment_cost)
+            rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
+            priced.append((factor * max(rank_time), starts))
+        priced = [p for p in priced if math.isfinite(p[0])]
+        if not priced:
+            return ConfigResult(config, math.inf, [])
+        priced.sort(key=lambda p: p[0])
+        return ConfigResult(config, priced[0][0], priced[0][1], other_stage_starts=[p[1] for p in priced[1:]])
+
+    # ---- exact solve --------------------------------------------------------------------------------
+    def solve(self, screened: ConfigResult) -> ConfigResult:
+        """Exact per-rank ILP on each screened cut; the fastest result, predicted."""
+        results = [self.solve_cut(screened.config, starts)
+                   for starts in [screened.stage_starts, *screened.other_stage_starts]]
+        return min(results, key=lambda r: r.step_time_s)
+
+    def solve_cut(self, config: ParallelConfig, starts: list[int]) -> ConfigResult:
+        """Exact per-rank ILP on one pipeline cut."""
+        n = len(self.layers)
+        tables = [self.priced_options(i, config) for i in range(n)]
+        budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
+        stage_of = stages_of_layers(starts, n)
+        in_flight = self.in_flight(config)
+        choice: list[PricedOption | None] = [None] * n
+        for rank in range(config.pp):
+            groups: dict[str, list[int]] = {}
+            for i in range(n):
+                if stage_of[i] % config.pp == rank:
+                    groups.setdefault(f"{self.layers[i].kind}@{in_flight[stage_of[i]]}", []).append(i)
+            options = {g: {p.option.label: Option(p.unit_time_s, p.state_bytes + in_flight[stage_of[idx[0]]] *
+                                                  p.micro.activation_bytes) for p in tables[idx[0]]}
+                       for g, idx in groups.items()}
+            counts = choose_option_counts(options, {g: len(idx) for g, idx in groups.items()}, budget)
+            if counts is None:
+                return ConfigResult(config, math.inf, starts)
+            for g, idx in groups.items():
+                by_label = {p.option.label: p for p in tables[idx[0]]}
+                # leanest options go to the earliest layers of the group: any order is equally good
+                labels = sorted(counts[g], key=lambda lab: options[g][lab].memory_bytes)
+                queue = [lab for lab in labels for _ in range(counts[g][lab])]
+                for i, label in zip(idx, queue, strict=True):
+                    choice[i] = by_label[label]
+        return self.predict(config, starts, choice)
+
+    def in_flight(self, config: ParallelConfig) -> list[float]:
+        return [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
+                                       config.virtual_stages) for s in range(config.num_stages)]
+
+    def predict(self, config: ParallelConfig, starts: list[int], choice: list[PricedOption]) -> ConfigResult:
+        """Step time (slowest rank), its breakdown, and the peak memory (fullest rank) of a complete assignment.
+
+        The result is infeasible (infinite time) when some rank exceeds the device's usable memory.
+        """
+        n = len(self.layers)
+        tables = [self.priced_options(i, config) for i in range(n)]
+        reserve = self.reserve_bytes(config, tables)
+        stage_of = stages_of_layers(starts, n)
+        in_flight = self.in_flight(config)
+        factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+        m = config.num_microbatches
+        slowest: tuple[float, dict[str, float]] = (-1.0, {})
+        peak, memory = 0, {}
+        for rank in range(config.pp):
+            members = [choice[i] for i in range(n) if stage_of[i] % config.pp == rank]
+            p2p_s = sum(self.p2p_s(config, s) for stage, s in enumerate(starts) if stage % config.pp == rank)
+            micro_s = sum(c.micro.time_s for c in members) + p2p_s
+            total = factor * micro_s + sum(c.step_communication_s + c.optimizer_s + c.state_offload_s
+                                           for c in members)
+            if total > slowest[0]:
+                slowest = (total, {
+                    "compute_s": m * sum(c.micro.compute_s + c.micro.recompute_s for c in members),
+                    "recompute_s": m * sum(c.micro.recompute_s for c in members),
+                    "communication_s": m * (sum(c.micro.tp_communication_s + c.micro.offload_s for c in members)
+                                            + p2p_s)
+                    + sum(c.step_communication_s + c.state_offload_s for c in members),
+                    "optimizer_s": sum(c.optimizer_s for c in members),
+                    "bubble_s": (factor - m) * micro_s})
+            activations = sum(in_flight[stage_of[i]] * choice[i].micro.activation_bytes
+                              for i in range(n) if stage_of[i] % config.pp == rank)
+            parts = {"parameters": sum(c.parameters_bytes for c in members),
+                     "gradients": sum(c.gradients_bytes for c in members),
+                     "optimizer_states": sum(c.optimizer_states_bytes for c in members),
+                     "activations": int(activations), "buffers": reserve}
+            if sum(parts.values()) > peak:
+                peak, memory = sum(parts.values()), parts
+        step = slowest[0] if peak <= self.cluster.usable_memory_bytes * (1 + 1e-9) else math.inf
+        return ConfigResult(config, step, starts, choice=list(choice), peak_memory_bytes=peak,
+                            breakdown_s=slowest[1], memory_bytes=memory)
+
+
+def even_stage_starts(num_layers: int, num_stages: int) -> list[int]:
+    """First layer of each stage when layers are dealt out as evenly as possible (earlier stages get extras)."""
+    base, extra = divmod(num_layers, num_stages)
+    return [stage * base + min(stage, extra) for stage in range(num_stages)]
+
+
+def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
+    """Stage index of every layer from the stages' first layers."""
+    stage_of = [0] * num_layers
+    for stage, (s, e) in enumerate(zip(starts, starts[1:] + [num_layers], strict=True)):
+        stage_of[s:e] = [stage] * (e - s)
+    return stage_of
+

@@ -1,0 +1,162 @@
+"""What one layer can do, and what each choice costs per micro-batch on one device.
+
+A LayerOption is one point of the per-layer search space: tensor-parallel or replicated, activation
+checkpointing (none / selective / full), and activation offload to the host. `price_layer_option` turns
+the traced LayerFacts into time per micro-batch and activation bytes per in-flight micro-batch.
+
+Formulas (all scaled by batch_scale = micro-batch / traced sample batch; inside tensor-parallel units FLOPs,
+traffic and saved bytes are divided by tp):
+- compute = every traced aten op priced alone on the profile's efficiency curves plus its per-op overhead
+  (costmodel.op_time_s with include_overhead); layers without per-op facts use the layer totals.
+- recompute: `full` repeats the whole forward (and its tensor-parallel all-reduce); `selective` repeats only
+  the non-matmul forward ops (memory-bound), keeping matmul outputs.
+- tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the
+  column-linear input gradient in backward (Megatron's f/g), over the contiguous tp group.
+- activations kept per in-flight micro-batch: `none` = what autograd saves (traced); `selective` = the layer
+  input + matmul outputs; `full` = the layer input only; offload keeps nothing on the device.
+- offload: the saved bytes go to the host after forward and come back for backward, at the profile's
+  host<->device bandwidth, not overlapped with compute (an upper bound).
+Blind spots: activations are traced in float32 and scaled by the parameter dtype's size; recompute of a
+`full` layer briefly rematerialises its activations (counted as a working buffer by the search, not here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from costmodel import Cluster, all_reduce_time_s, dtype_bytes, op_time_s
+from planner.model_graph import LayerFacts
+
+CHECKPOINTS = ("none", "selective", "full")
+TRACED_DTYPE_BYTES = 4  # the planner traces on float32 fake tensors
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One choice for one layer."""
+
+    strategy: str
+    """`replicate` or `tensor`."""
+    checkpoint: str = "none"
+    offload_activations: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.strategy]
+        if self.checkpoint != "none":
+            parts.append(f"ckpt-{self.checkpoint}")
+        if self.offload_activations:
+            parts.append("offload")
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class OptionCost:
+    """One layer under one option on one device: time per micro-batch and bytes per in-flight micro-batch."""
+
+    compute_s: float
+    """Forward + backward."""
+    recompute_s: float
+    tp_communication_s: float
+    offload_s: float
+    activation_bytes: int
+    """Kept on the device from this layer's forward until its backward, per micro-batch in flight."""
+    working_bytes: int
+    """Activations live while this layer runs (what checkpointing rematerialises for backward)."""
+    local_num_params: int
+    """Parameters on this device after tensor-parallel sharding (before data-parallel sharding)."""
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.recompute_s + self.tp_communication_s + self.offload_s
+
+
+def host_bandwidth_bytes_per_s(cluster: Cluster) -> float | None:
+    """The profile's host<->device bandwidth, or None when it does not give one (then nothing is offloaded)."""
+    return cluster.host_link.bandwidth_bytes_per_s if cluster.host_link is not None else None
+
+
+def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bool:
+    """True when every unit's column linears split their outputs, and the row linear its inputs, by tp."""
+    if tp < 2 or not layer.tp_units:
+        return False
+    for unit in layer.tp_units:
+        for rel in unit.colwise:
+            if model.get_submodule(f"{layer.path}.{rel}" if layer.path else rel).out_features % tp:
+                return False
+        row = model.get_submodule(f"{layer.path}.{unit.rowwise}" if layer.path else unit.rowwise)
+        if row.in_features % tp:
+            return False
+    return True
+
+
+def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster) -> list[LayerOption]:
+    """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties)."""
+    strategies = ["replicate"] + (["tensor"] if tensor_parallel_ok else [])
+    offloads = [False, True] if host_bandwidth_bytes_per_s(cluster) and layer.saved_bytes else [False]
+    checkpoints = CHECKPOINTS if layer.fwd_flops > 0 and layer.saved_bytes > layer.input_bytes else ("none",)
+    return [LayerOption(s, c, o) for s in strategies for o in offloads for c in checkpoints
+            if not (o and c != "none")]
+
+
+def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_scale: float, cluster: Cluster,
+                       param_dtype: str = "float32") -> OptionCost:
+    """Time per micro-batch and activation bytes of `layer` under `option` (see the module docstring)."""
+    shard = tp if option.strategy == "tensor" else 1
+    act_scale = batch_scale * dtype_bytes(param_dtype) / TRACED_DTYPE_BYTES
+
+    def split(total: float, in_units: float) -> float:
+        return total - in_units + in_units / shard
+
+    fwd_flops = split(layer.fwd_flops, layer.tp_fwd_flops) * batch_scale
+    bwd_flops = split(layer.bwd_flops, layer.tp_bwd_flops) * batch_scale
+    fwd_bytes = split(layer.fwd_bytes, layer.tp_fwd_bytes) * act_scale
+    bwd_bytes = split(layer.bwd_bytes, layer.tp_bwd_bytes) * act_scale
+    if layer.ops:
+        fwd_s, bwd_s, fwd_memory_s = _op_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype)
+    else:
+        fwd_memory_s = op_time_s(0.0, fwd_bytes, cluster, param_dtype, is_matmul=False)
+        fwd_s = op_time_s(fwd_flops, 0.0, cluster, param_dtype) + fwd_memory_s
+        bwd_s = op_time_s(bwd_flops, 0.0, cluster, param_dtype) + op_time_s(0.0, bwd_bytes, cluster, param_dtype,
+                                                                              is_matmul=False)
+    allreduce_s = 0.0
+    if shard > 1:
+        allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, list(range(tp)), cluster)
+    saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
+    inputs = int(layer.input_bytes * act_scale)
+    recompute_s, tp_comm_s, offload_s = 0.0, 2 * allreduce_s, 0.0
+    if option.checkpoint == "full":
+        kept = min(inputs, saved)
+        recompute_s = fwd_s
+        tp_comm_s += allreduce_s
+    elif option.checkpoint == "selective":
+        kept = min(saved, inputs + int(split(layer.matmul_saved_bytes, layer.tp_matmul_saved_bytes) * act_scale))
+        recompute_s = fwd_memory_s
+    else:
+        kept = saved
+    if option.offload_activations:
+        bandwidth = host_bandwidth_bytes_per_s(cluster)
+        offload_s = 2 * saved / bandwidth if bandwidth else float("inf")
+        kept = 0
+    return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
+                      offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
+                      local_num_params=int(split(layer.num_params, layer.tp_num_params)))
+
+
+def _op_times_s(layer: LayerFacts, shard: int, batch_scale: float, act_scale: float, cluster: Cluster,
+                param_dtype: str) -> tuple[float, float, float]:
+    """(forward, backward, forward non-matmul) seconds: each traced op alone on the efficiency curves plus the
+    profile's per-op overhead; ops inside tensor-parallel units do 1/shard of the work."""
+    forward_s = backward_s = forward_memory_s = 0.0
+    for op in layer.ops:
+        divisor = shard if op.tensor_parallel else 1
+        seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * act_scale / divisor, cluster,
+                            param_dtype, is_matmul=op.is_matmul, include_overhead=True)
+        if op.phase == "forward":
+            forward_s += seconds
+            forward_memory_s += 0.0 if op.is_matmul else seconds
+        else:
+            backward_s += seconds
+    return forward_s, backward_s, forward_memory_s
