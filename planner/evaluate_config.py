@@ -278,8 +278,12 @@ class ConfigPricer:
         The result is infeasible (infinite time) when some rank exceeds the device's usable memory.
         """
         n = len(self.layers)
-        tables = [self.priced_options(i, config) for i in range(n)]
-        reserve = self.reserve_bytes(config, tables)
+        # buffers of the chosen assignment: the largest gathered ZeRO-3 layer, and what the layer being
+        # recomputed rematerialises (its working bytes; 0 for layers that keep everything they saved, whose
+        # activations are already counted, so the screening's conservative reserve would count them twice)
+        reserve = gathered_buffer_bytes(max((c.micro.local_num_params for c in choice), default=0),
+                                        config.data_parallel_setup()) + max((c.micro.working_bytes for c in choice),
+                                                                            default=0)
         stage_of = stages_of_layers(starts, n)
         in_flight = self.in_flight(config)
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
