@@ -48,3 +48,33 @@ def test_profile_host_link_and_overlap_reach_the_search(cluster):
     overlapped = dataclasses.replace(cluster, overlap=OverlapSpec(0.25, 0.5, 0.75, 0.0))
     assert [_overlap(overlapped, n) for n in ("fsdp_gather_overlap", "grad_reduce_overlap",
                                               "pipeline_p2p_overlap")] == [0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_peak_memory_holds_gradients_or_activations(num_microbatches):
+    # one micro-batch: gradients (None at the start of backward) replace activations as backward runs, so the
+    # peak holds the larger of the two; with accumulation the gradients persist beside the activations
+    from costmodel import load_cluster
+    from planner.config_space import ParallelConfig
+    from planner.evaluate_config import ConfigPricer
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+
+    spec = load_model_spec(f"{__import__('pathlib').Path(__file__).parents[1]}/examples/gpt.py:build_gpt",
+                           device="meta")
+    graph = build_model_graph(spec)
+    pricer = ConfigPricer(spec.model, graph, load_cluster("cpu").for_world_size(2))
+    config = ParallelConfig(pp=1, dp=2, tp=1, num_microbatches=num_microbatches, schedule="none", virtual_stages=1,
+                            dp_kind="zero3", replicate=1, param_dtype="float32", global_batch_size=8)
+    choice = [next(p for p in pricer.priced_options(i, config) if p.option == LayerOption("replicate"))
+              for i in range(len(graph.layers))]
+    result = pricer.predict(config, [0], choice)
+    parts = result.memory_bytes
+    all_gradients = sum(c.gradients_bytes for c in choice)
+    transient = parts["activations"] + parts["buffers"]
+    assert result.peak_memory_bytes == sum(parts.values())
+    if num_microbatches == 1:
+        assert result.peak_memory_bytes == (parts["parameters"] + parts["optimizer_states"]
+                                            + max(all_gradients, transient))
+    else:
+        assert parts["gradients"] == all_gradients
