@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
     p.add_argument("--world-size", type=_positive_int, required=True, help="number of devices (ranks)")
     p.add_argument("--mesh", type=_mesh, help="pin the mesh as PPxDPxTP or DPxTP (e.g. 2x2) instead of searching")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of parameters; not float32 means mixed precision with fp32 master weights")
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from planner.api import plan
 
-        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh)
+        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
         result.save(args.out)
         print(format_plan(result))
         print(f"\nwrote {args.out}")

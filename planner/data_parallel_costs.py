@@ -29,6 +29,7 @@ from costmodel import (
     all_gather_time_s,
     all_reduce_time_s,
     dtype_bytes,
+    host_transfer_time_s,
     model_state_bytes,
     reduce_scatter_time_s,
     sharded_model_state_bytes,
@@ -110,11 +111,12 @@ def data_parallel_time_s(local_num_params: int, setup: DataParallelSetup, cluste
     return gather_s, reduce_s
 
 
-def offload_time_s(local_num_params: int, setup: DataParallelSetup, host_bytes_per_s: float | None) -> float:
-    """Host<->device traffic of offloaded model states per step: parameters up, gradients down."""
+def offload_time_s(local_num_params: int, setup: DataParallelSetup, cluster: Cluster) -> float:
+    """Host<->device traffic of offloaded model states per step: parameter shards up, gradient shards down."""
     if not setup.offload:
         return 0.0
-    if not host_bytes_per_s:
+    if cluster.host_link is None:
         return float("inf")
-    moved = local_num_params * (dtype_bytes(setup.param_dtype) + dtype_bytes(setup.reduce_dtype))
-    return moved / setup.shard_degree / host_bytes_per_s
+    shard = -(-local_num_params // setup.shard_degree)
+    return (host_transfer_time_s(shard * dtype_bytes(setup.param_dtype), cluster)
+            + host_transfer_time_s(shard * dtype_bytes(setup.reduce_dtype), cluster))

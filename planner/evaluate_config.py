@@ -8,9 +8,9 @@ A rank's step time is F * (sum of its layers' u + pipeline sends per micro-batch
 rank. So minimising the sum of u on a rank is exactly minimising its step time, which lets one ILP per rank
 choose options with the pipeline bubble and once-per-step costs weighed correctly.
 
-Overlap: the profile's `overlap.fsdp_all_gather`, `overlap.gradient_reduction` and `overlap.pipeline_p2p`
-fractions hide that share of the corresponding communication behind compute, at most as much as the compute
-beside it (`costmodel.exposed_time_s`; the data-parallel window is the layer's compute over the step).
+Overlap: the profile's overlap fractions (`fsdp_all_gather`, `gradient_reduction`, `pipeline_p2p`,
+`tensor_parallel`) hide that share of each communication behind the compute it runs beside
+(costmodel.exposed_time_s).
 
 Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
 stage's micro-batches in flight x its layers' kept activations + a reserve: the largest gathered ZeRO-3
@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from costmodel import Cluster, dtype_bytes, exposed_time_s, optimizer_step_time_s, point_to_point_time_s
+from costmodel import (
+    Cluster,
+    dtype_bytes,
+    exposed_time_s,
+    in_flight_microbatches,
+    optimizer_step_time_s,
+    pipeline_bubble_fraction,
+    point_to_point_time_s,
+)
 from planner.config_space import ParallelConfig
 from planner.data_parallel_costs import (
     data_parallel_time_s,
@@ -47,7 +55,6 @@ from planner.layer_options import (
     TRACED_DTYPE_BYTES,
     LayerOption,
     OptionCost,
-    host_bandwidth_bytes_per_s,
     layer_options,
     price_layer_option,
     supports_tensor_parallel,
@@ -55,15 +62,6 @@ from planner.layer_options import (
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
-from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
-
-_OVERLAP_FIELDS = {"fsdp_gather_overlap": "fsdp_all_gather", "grad_reduce_overlap": "gradient_reduction",
-                   "pipeline_p2p_overlap": "pipeline_p2p"}
-
-
-def _overlap(cluster: Cluster, name: str) -> float:
-    """The profile's overlap fraction for one kind of communication (costmodel.OverlapSpec)."""
-    return getattr(cluster.overlap, _OVERLAP_FIELDS[name])
 
 
 @dataclass(frozen=True)
@@ -120,6 +118,8 @@ class ConfigPricer:
             for k in self.kind_order:
                 self.prefix[k].append(self.prefix[k][-1] + (k == kind))
         self.first_of_kind = {k: self.kinds.index(k) for k in self.kind_order}
+        self.num_tensors = [sum(1 for _ in (model.get_submodule(layer.path) if layer.path else model).parameters())
+                            if layer.num_params else 0 for layer in self.layers]
 
     # ---- per-layer tables -------------------------------------------------------------------------------
     def micro_options(self, index: int, tp: int, micro_batch_size: int,
@@ -151,25 +151,23 @@ class ConfigPricer:
 
     def _price(self, index: int, config: ParallelConfig) -> list[PricedOption]:
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
-        gather_hidden = _overlap(self.cluster, "fsdp_gather_overlap")
-        reduce_hidden = _overlap(self.cluster, "grad_reduce_overlap")
-        host = host_bandwidth_bytes_per_s(self.cluster)
+        overlap = self.cluster.overlap
+        setup = config.data_parallel_setup()
         priced = []
         for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
-            setup = config.data_parallel_setup()
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
+            # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)
             window_s = micro.compute_s * config.num_microbatches
-            gather_exposed_s = exposed_time_s(gather_s, window_s, gather_hidden)
-            communication_s = gather_exposed_s + exposed_time_s(
-                reduce_s, max(0.0, window_s - (gather_s - gather_exposed_s)), reduce_hidden)
+            communication_s = (exposed_time_s(gather_s, window_s, overlap.fsdp_all_gather)
+                               + exposed_time_s(reduce_s, window_s * 2 / 3, overlap.gradient_reduction))
             owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
                                                                            setup.shard_degree)
             optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
                                                 param_dtype=config.param_dtype,
                                                 master_weights=config.param_dtype != "float32",
-                                                num_tensors=self.layers[index].num_param_tensors)
-            offload_s = offload_time_s(micro.local_num_params, setup, host)
+                                                num_tensors=self.num_tensors[index])
+            offload_s = offload_time_s(micro.local_num_params, setup, self.cluster)
             unit = micro.time_s + (communication_s + optimizer_s + offload_s) / factor
             priced.append(PricedOption(option, micro, states.total_bytes, states.parameters_bytes,
                                        states.gradients_bytes, states.optimizer_states_bytes, communication_s,
@@ -189,8 +187,8 @@ class ConfigPricer:
         message = self.layers[first_layer].input_bytes * config.micro_batch_size / self.graph.sample_batch_size
         message *= dtype_bytes(config.param_dtype) / TRACED_DTYPE_BYTES
         peer = config.dp * config.tp  # the next stage's rank for rank 0
-        hidden = _overlap(self.cluster, "pipeline_p2p_overlap")
-        return 2 * point_to_point_time_s(message, 0, peer, self.cluster) * (1 - hidden)
+        send_s = 2 * point_to_point_time_s(message, 0, peer, self.cluster)
+        return exposed_time_s(send_s, send_s, self.cluster.overlap.pipeline_p2p)
 
     def screen(self, config: ParallelConfig) -> ConfigResult:
         """Optimistic step time (LP relaxation) and the pipeline cut that achieves it."""
@@ -207,8 +205,7 @@ class ConfigPricer:
                                                      p.micro.activation_bytes) for p in tables[index]])
             return hull_cache[key]
 
-        in_flight = [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
-                                            config.virtual_stages) for s in range(config.num_stages)]
+        in_flight = self.in_flight(config)
         prefix, first = self.prefix, self.first_of_kind
         p2p = [self.p2p_s(config, start) for start in range(len(self.layers))]
         memo: dict[tuple[float, int, int], float] = {}
@@ -275,7 +272,8 @@ class ConfigPricer:
         return self.predict(config, starts, choice)
 
     def in_flight(self, config: ParallelConfig) -> list[float]:
-        return [in_flight_microbatches(config.schedule, config.pp, s, config.num_microbatches,
+        """Micro-batches in flight for every stage (stage s runs on pipeline rank s % pp)."""
+        return [in_flight_microbatches(config.schedule, config.pp, s % config.pp, config.num_microbatches,
                                        config.virtual_stages) for s in range(config.num_stages)]
 
     def predict(self, config: ParallelConfig, starts: list[int], choice: list[PricedOption]) -> ConfigResult:
@@ -339,3 +337,8 @@ def stages_of_layers(starts: list[int], num_layers: int) -> list[int]:
         stage_of[s:e] = [stage] * (e - s)
     return stage_of
 
+
+def pipeline_step_factor(pp: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Step time over the slowest rank's time per micro-batch: m / (1 - bubble fraction) = m + (pp - 1) / v."""
+    schedule = "none" if pp == 1 else ("interleaved_1f1b" if virtual_stages > 1 else "1f1b")
+    return num_microbatches / (1 - pipeline_bubble_fraction(schedule, pp, num_microbatches, virtual_stages))

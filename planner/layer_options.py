@@ -6,8 +6,7 @@ the traced LayerFacts into time per micro-batch and activation bytes per in-flig
 
 Formulas (all scaled by batch_scale = micro-batch / traced sample batch; inside tensor-parallel units FLOPs,
 traffic and saved bytes are divided by tp):
-- compute = every traced aten op priced alone on the profile's efficiency curves plus its per-op overhead
-  (costmodel.op_time_s with include_overhead); layers without per-op facts use the layer totals.
+- compute = roofline time of forward + backward FLOPs and memory-bound traffic (costmodel.op_time_s).
 - recompute: `full` repeats the whole forward (and its tensor-parallel all-reduce); `selective` repeats only
   the non-matmul forward ops (memory-bound), keeping matmul outputs.
 - tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from costmodel import Cluster, all_reduce_time_s, dtype_bytes, op_time_s
+from costmodel import Cluster, all_reduce_time_s, dtype_bytes, exposed_time_s, host_transfer_time_s, op_time_s
 from planner.model_graph import LayerFacts
 
 CHECKPOINTS = ("none", "selective", "full")
@@ -73,11 +72,6 @@ class OptionCost:
         return self.compute_s + self.recompute_s + self.tp_communication_s + self.offload_s
 
 
-def host_bandwidth_bytes_per_s(cluster: Cluster) -> float | None:
-    """The profile's host<->device bandwidth, or None when it does not give one (then nothing is offloaded)."""
-    return cluster.host_link.bandwidth_bytes_per_s if cluster.host_link is not None else None
-
-
 def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bool:
     """True when every unit's column linears split their outputs, and the row linear its inputs, by tp."""
     if tp < 2 or not layer.tp_units:
@@ -95,7 +89,7 @@ def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bo
 def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster) -> list[LayerOption]:
     """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties)."""
     strategies = ["replicate"] + (["tensor"] if tensor_parallel_ok else [])
-    offloads = [False, True] if host_bandwidth_bytes_per_s(cluster) and layer.saved_bytes else [False]
+    offloads = [False, True] if cluster.host_link is not None and layer.saved_bytes else [False]
     checkpoints = CHECKPOINTS if layer.fwd_flops > 0 and layer.saved_bytes > layer.input_bytes else ("none",)
     return [LayerOption(s, c, o) for s in strategies for o in offloads for c in checkpoints
             if not (o and c != "none")]
@@ -110,20 +104,11 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     def split(total: float, in_units: float) -> float:
         return total - in_units + in_units / shard
 
-    fwd_flops = split(layer.fwd_flops, layer.tp_fwd_flops) * batch_scale
-    bwd_flops = split(layer.bwd_flops, layer.tp_bwd_flops) * batch_scale
-    fwd_bytes = split(layer.fwd_bytes, layer.tp_fwd_bytes) * act_scale
-    bwd_bytes = split(layer.bwd_bytes, layer.tp_bwd_bytes) * act_scale
-    if layer.ops:
-        fwd_s, bwd_s, fwd_memory_s = _op_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype)
-    else:
-        fwd_memory_s = op_time_s(0.0, fwd_bytes, cluster, param_dtype, is_matmul=False)
-        fwd_s = op_time_s(fwd_flops, 0.0, cluster, param_dtype) + fwd_memory_s
-        bwd_s = op_time_s(bwd_flops, 0.0, cluster, param_dtype) + op_time_s(0.0, bwd_bytes, cluster, param_dtype,
-                                                                              is_matmul=False)
+    fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype)
     allreduce_s = 0.0
     if shard > 1:
         allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, list(range(tp)), cluster)
+        allreduce_s = exposed_time_s(allreduce_s, fwd_s, cluster.overlap.tensor_parallel)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
     inputs = int(layer.input_bytes * act_scale)
     recompute_s, tp_comm_s, offload_s = 0.0, 2 * allreduce_s, 0.0
@@ -137,26 +122,42 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     else:
         kept = saved
     if option.offload_activations:
-        bandwidth = host_bandwidth_bytes_per_s(cluster)
-        offload_s = 2 * saved / bandwidth if bandwidth else float("inf")
+        offload_s = 2 * host_transfer_time_s(saved, cluster) if cluster.host_link else float("inf")
         kept = 0
     return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
                       offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
                       local_num_params=int(split(layer.num_params, layer.tp_num_params)))
 
 
-def _op_times_s(layer: LayerFacts, shard: int, batch_scale: float, act_scale: float, cluster: Cluster,
-                param_dtype: str) -> tuple[float, float, float]:
-    """(forward, backward, forward non-matmul) seconds: each traced op alone on the efficiency curves plus the
-    profile's per-op overhead; ops inside tensor-parallel units do 1/shard of the work."""
+def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_scale: float, cluster: Cluster,
+                     param_dtype: str) -> tuple[float, float, float]:
+    """(forward, backward, forward non-matmul) seconds of the layer on one rank.
+
+    Each traced op is priced alone on the profile's efficiency curves plus its per-op launch overhead (the
+    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work. Layers
+    without per-op facts (hand-built tables) are priced as one matmul and one memory-bound op per phase.
+    """
+    if not layer.ops:
+        def split(total: float, in_units: float) -> float:
+            return total - in_units + in_units / shard
+
+        fwd_memory_s = op_time_s(0.0, split(layer.fwd_bytes, layer.tp_fwd_bytes) * bytes_scale, cluster,
+                                 param_dtype, is_matmul=False)
+        fwd_s = op_time_s(split(layer.fwd_flops, layer.tp_fwd_flops) * batch_scale, 0.0, cluster,
+                          param_dtype) + fwd_memory_s
+        bwd_s = op_time_s(split(layer.bwd_flops, layer.tp_bwd_flops) * batch_scale, 0.0, cluster, param_dtype) \
+            + op_time_s(0.0, split(layer.bwd_bytes, layer.tp_bwd_bytes) * bytes_scale, cluster, param_dtype,
+                        is_matmul=False)
+        return fwd_s, bwd_s, fwd_memory_s
     forward_s = backward_s = forward_memory_s = 0.0
     for op in layer.ops:
         divisor = shard if op.tensor_parallel else 1
-        seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * act_scale / divisor, cluster,
+        seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * bytes_scale / divisor, cluster,
                             param_dtype, is_matmul=op.is_matmul, include_overhead=True)
         if op.phase == "forward":
             forward_s += seconds
-            forward_memory_s += 0.0 if op.is_matmul else seconds
+            if not op.is_matmul:
+                forward_memory_s += seconds
         else:
             backward_s += seconds
     return forward_s, backward_s, forward_memory_s

@@ -77,8 +77,6 @@ class LayerFacts:
     tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
-    num_param_tensors: int = 0
-    """Parameter tensors of the layer (the optimizer pays a fixed cost per tensor)."""
     ops: list[OpFacts] = field(default_factory=list)
     """Every aten op of the layer (views included: each is one dispatch), in graph order."""
 
@@ -141,15 +139,16 @@ def _storage_key(tensor: torch.Tensor):
 def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> ModelGraph:
     """Capture `spec`'s training step on fake tensors and summarise it per layer.
 
-    A deep stack of identical blocks (96 in GPT-3) is traced with only its first two blocks: tracing cost
-    grows with depth, while every later block is the same kind as the second and gets a copy of its facts.
-    When the shortened model does not trace (its forward needs every block), the full model is traced.
+    A deep stack of identical blocks (96 in GPT-3) is traced with only three: tracing cost grows with depth,
+    and the middle one (fed by a block, feeding a block) stands for every middle block of the full stack,
+    while the first and last keep their own neighbours. When the shortened model does not trace (its forward
+    needs every block), the full model is traced.
     """
     batch = sample_batch_size or spec.global_batch_size
     stack = _identical_stack(spec.model)
     if stack is not None:
         parent, name, container = stack
-        setattr(parent, name, type(container)(list(container.children())[:2]))
+        setattr(parent, name, type(container)(list(container.children())[:3]))
         try:
             captured = capture_training_step(spec, batch)
             short = model_graph_from_capture(spec.model, captured, batch)
@@ -164,13 +163,13 @@ def build_model_graph(spec: ModelSpec, sample_batch_size: int | None = None) -> 
 
 
 def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
-    """(parent, attribute, container) of the repeated stack when it has >= 3 structurally identical blocks."""
+    """(parent, attribute, container) of the repeated stack when it has >= 4 structurally identical blocks."""
     path = repeated_stack_path(model)
     if not path:
         return None
     container = model.get_submodule(path)
     blocks = list(container.children())
-    if len(blocks) < 3 or len(blocks) != len(container):
+    if len(blocks) < 4 or len(blocks) != len(container):
         return None
 
     def signature(block: nn.Module) -> list:
@@ -185,15 +184,19 @@ def _identical_stack(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | Non
 
 
 def _deepen(model: nn.Module, short: ModelGraph, container: nn.Module) -> ModelGraph:
-    """The full model's graph from one traced with two blocks: blocks 2.. copy block 1's facts."""
+    """The full model's graph from one traced with three blocks: the middle block's facts stand for blocks
+    1 .. N-2, and the third traced block becomes block N-1."""
     prefix = next(p for p, m in model.named_modules() if m is container)
     names = [n for n, _ in container.named_children()]
-    second = f"{prefix}.{names[1]}"
+    middle, last = f"{prefix}.{names[1]}", f"{prefix}.{names[2]}"
     layers = []
     for layer in short.layers:
-        layers.append(layer)
-        if layer.path == second:
-            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[2:])
+        if layer.path == middle:
+            layers.extend(dataclasses.replace(layer, path=f"{prefix}.{n}") for n in names[1:-1])
+        elif layer.path == last:
+            layers.append(dataclasses.replace(layer, path=f"{prefix}.{names[-1]}"))
+        else:
+            layers.append(layer)
     digest = hashlib.sha256(short.fingerprint.encode())
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}\n".encode())
@@ -235,7 +238,6 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         p = params[name]
         facts[layer].num_params += p.numel()
         facts[layer].param_bytes += p.numel() * p.element_size()
-        facts[layer].num_param_tensors += 1
 
     tp_region: dict[str, bool] = {}
     node_by_name = {node.name: node for node in nodes}

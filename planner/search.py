@@ -22,9 +22,8 @@ from torch import nn
 from costmodel import Cluster
 from planner.config_space import ParallelConfig, enumerate_configs
 from planner.data_parallel_costs import rank_state_bytes
-from planner.evaluate_config import ConfigPricer, ConfigResult
+from planner.evaluate_config import ConfigPricer, ConfigResult, pipeline_step_factor
 from planner.model_graph import ModelGraph
-from planner.pipeline_schedule import in_flight_microbatches, pipeline_step_factor
 from planner.plan_schema import PlanError
 
 MIB = 2**20
@@ -69,12 +68,12 @@ def least_memory_bytes(pricer: ConfigPricer, config: ParallelConfig) -> int:
     n = len(pricer.layers)
     tables = [pricer.priced_options(i, config) for i in range(n)]
     per_stage = -(-n // config.num_stages)
+    in_flight = pricer.in_flight(config)
     worst = 0
     for rank in range(config.pp):
         total = 0.0
         for stage in range(rank, config.num_stages, config.pp):
-            f = in_flight_microbatches(config.schedule, config.pp, stage, config.num_microbatches,
-                                       config.virtual_stages)
+            f = in_flight[stage]
             for i in range(stage * per_stage, min(n, (stage + 1) * per_stage)):
                 total += min(p.state_bytes + f * p.micro.activation_bytes for p in tables[i])
         worst = max(worst, int(total))

@@ -1,14 +1,15 @@
-"""price_layer_option: each traced op priced alone on the profile's curves with its per-op overhead, and the
-profile's host link and overlap reaching the search."""
+"""Layer pricing: per-op pricing on the profile's curves with per-op overhead, checkpointing, and overlap of
+data-parallel communication."""
 
 import dataclasses
 
 import pytest
 from test_costmodel_formulas import v2_dict
+from torch import nn
 
-from costmodel import Cluster, OverlapSpec, op_time_s
-from planner.evaluate_config import _overlap
-from planner.layer_options import LayerOption, host_bandwidth_bytes_per_s, price_layer_option
+from costmodel import Cluster, OverlapSpec, all_gather_time_s, op_time_s, reduce_scatter_time_s
+from planner.config_space import ParallelConfig
+from planner.layer_options import LayerOption, price_layer_option
 from planner.model_graph import LayerFacts, OpFacts
 
 
@@ -21,47 +22,65 @@ def facts(**changes) -> LayerFacts:
     ops = [OpFacts("forward", 2e8, 0.0, True, False), OpFacts("forward", 0.0, 4e6, False, False),
            OpFacts("backward", 4e8, 0.0, True, False), OpFacts("backward", 0.0, 8e6, False, False)]
     layer = LayerFacts(path="blocks.0", kind="k", num_params=10_000_000, param_bytes=40_000_000,
-                       fwd_flops=2e8, bwd_flops=4e8, fwd_bytes=4e6, bwd_bytes=8e6, saved_bytes=1000, ops=ops)
+                       fwd_flops=2e8, bwd_flops=4e8, fwd_bytes=4e6, bwd_bytes=8e6, saved_bytes=1000,
+                       matmul_saved_bytes=400, input_bytes=100, ops=ops)
     return dataclasses.replace(layer, **changes)
 
 
 def test_each_op_is_priced_alone_with_overhead(cluster):
-    cost = price_layer_option(facts(), LayerOption("replicate"), tp=1, batch_scale=1.0, cluster=cluster)
+    cost = price_layer_option(facts(), LayerOption("replicate"), 1, 1.0, cluster)
     expected = sum(op_time_s(o.flops, o.bytes_accessed, cluster, is_matmul=o.is_matmul, include_overhead=True)
                    for o in facts().ops)
     assert cost.compute_s == pytest.approx(expected)
     assert cost.compute_s > 4 * cluster.kernel_overhead_s
-    # without per-op facts the layer totals are priced as one matmul and one memory-bound op, which is faster
-    # (a bigger matmul sits higher on the efficiency curve, and no overhead is counted)
-    totals = price_layer_option(facts(ops=[]), LayerOption("replicate"), 1, 1.0, cluster)
-    assert totals.compute_s < cost.compute_s
+    # two small matmuls are less efficient than one of their summed size: per-op pricing is slower
+    summed = facts(ops=[])
+    assert price_layer_option(summed, LayerOption("replicate"), 1, 1.0, cluster).compute_s < cost.compute_s
 
 
-def test_selective_recompute_repeats_the_memory_bound_forward_ops(cluster):
-    cost = price_layer_option(facts(), LayerOption("replicate", "selective"), 1, 1.0, cluster)
-    assert cost.recompute_s == pytest.approx(op_time_s(0.0, 4e6, cluster, is_matmul=False, include_overhead=True))
+def test_checkpointing_trades_recompute_for_activations(cluster):
+    layer = facts()
+    none, selective, full = (price_layer_option(layer, LayerOption("replicate", c), 1, 1.0, cluster)
+                             for c in ("none", "selective", "full"))
+    assert (none.activation_bytes, selective.activation_bytes, full.activation_bytes) == (1000, 500, 100)
+    forward_s = sum(op_time_s(o.flops, o.bytes_accessed, cluster, is_matmul=o.is_matmul, include_overhead=True)
+                    for o in layer.ops if o.phase == "forward")
+    assert full.recompute_s == pytest.approx(forward_s)
+    assert 0 < selective.recompute_s < full.recompute_s and none.recompute_s == 0
 
 
-def test_profile_host_link_and_overlap_reach_the_search(cluster):
-    assert host_bandwidth_bytes_per_s(cluster) == 20e9
-    assert host_bandwidth_bytes_per_s(dataclasses.replace(cluster, host_link=None)) is None
-    overlapped = dataclasses.replace(cluster, overlap=OverlapSpec(0.25, 0.5, 0.75, 0.0))
-    assert [_overlap(overlapped, n) for n in ("fsdp_gather_overlap", "grad_reduce_overlap",
-                                              "pipeline_p2p_overlap")] == [0.25, 0.5, 0.75]
+def test_overlap_hides_fsdp_communication(cluster):
+    from planner.evaluate_config import ConfigPricer
+    from planner.model_graph import ModelGraph
+
+    def priced(profile):
+        graph = ModelGraph(graph=None, layers=[facts()], sample_batch_size=1, fingerprint="", num_params=10_000_000)
+        model = nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(2, 2)])})  # only its module tree is read
+        pricer = ConfigPricer(model, graph, profile)
+        config = ParallelConfig(1, 4, 1, 1, "none", 1, "zero3", 1, "float32", 4)
+        return next(p for p in pricer.priced_options(0, config) if p.option == LayerOption("replicate"))
+
+    exposed = priced(dataclasses.replace(cluster, overlap=OverlapSpec()))
+    group = [0, 1, 2, 3]
+    full = 2 * all_gather_time_s(40_000_000, group, cluster) + reduce_scatter_time_s(40_000_000, group, cluster)
+    assert exposed.step_communication_s == pytest.approx(full)
+    hidden = priced(dataclasses.replace(cluster, overlap=OverlapSpec(fsdp_all_gather=1.0, gradient_reduction=1.0)))
+    assert hidden.step_communication_s < exposed.step_communication_s
+    assert hidden.step_communication_s >= full - 2 * exposed.micro.compute_s - 1e-12
 
 
 @pytest.mark.parametrize("num_microbatches", [1, 2])
 def test_peak_memory_holds_gradients_or_activations(num_microbatches):
     # one micro-batch: gradients (None at the start of backward) replace activations as backward runs, so the
     # peak holds the larger of the two; with accumulation the gradients persist beside the activations
+    from pathlib import Path
+
     from costmodel import load_cluster
-    from planner.config_space import ParallelConfig
     from planner.evaluate_config import ConfigPricer
     from planner.model_graph import build_model_graph
     from planner.model_spec import load_model_spec
 
-    spec = load_model_spec(f"{__import__('pathlib').Path(__file__).parents[1]}/examples/gpt.py:build_gpt",
-                           device="meta")
+    spec = load_model_spec(f"{Path(__file__).parents[1]}/examples/gpt.py:build_gpt", device="meta")
     graph = build_model_graph(spec)
     pricer = ConfigPricer(spec.model, graph, load_cluster("cpu").for_world_size(2))
     config = ParallelConfig(pp=1, dp=2, tp=1, num_microbatches=num_microbatches, schedule="none", virtual_stages=1,

@@ -44,17 +44,18 @@ def test_yaml_round_trip_and_determinism(gpt_plan, tmp_path):
 
 
 def test_memory_pressure_changes_the_plan():
-    # slow links make tensor parallelism lose on time; on tp4 the replicated GPT needs ~9 MiB per device, so a
-    # 6 MiB device must trade time for memory: shard blocks, checkpoint or offload them, or run more micro-batches
+    # slow links make tensor parallelism lose on time; a device with 60% of the memory the fastest tp4 plan
+    # needs must trade time for memory: shard blocks, checkpoint or offload them, or run more micro-batches
     cluster = load_cluster("cpu").to_dict()
     slow = {**cluster, "intra_node": {"bandwidth_gb_per_s": 0.01, "latency_us": 10000}}
     roomy = plan(GPT, type(load_cluster("cpu")).from_dict(slow), 4, mesh=(1, 1, 4))
     assert all(layer.strategy == "replicate" and layer.checkpoint == "none" for layer in roomy.layers)
-    tight = type(load_cluster("cpu")).from_dict({**slow, "device_memory_gib": 6 / 1024, "usable_memory_fraction": 1.0})
+    limit_gib = 0.6 * roomy.predicted.peak_memory_mib / 1024
+    tight = type(load_cluster("cpu")).from_dict({**slow, "device_memory_gib": limit_gib, "usable_memory_fraction": 1.0})
     forced = plan(GPT, tight, 4, mesh=(1, 1, 4))
     assert forced.predicted.peak_memory_mib <= forced.predicted.memory_limit_mib < roomy.predicted.peak_memory_mib
     assert forced.predicted.step_time_ms >= roomy.predicted.step_time_ms
-    assert forced.pipeline.num_microbatches > 1 or forced.data_parallel.offload or any(
+    assert forced.pipeline.num_microbatches > 1 or any(
         layer.strategy == "tensor" or layer.checkpoint != "none" or layer.offload_activations
         for layer in forced.layers)
 
