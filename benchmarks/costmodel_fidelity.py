@@ -7,7 +7,8 @@ Without --cluster it first runs `meshplan calibrate --nproc-per-node N` for each
 run at about half speed each), and plans each world size on its own profile. For each plan of
 examples/gpt.py (dp4, dp2 x tp2, tp4 on 4 ranks, dp2 on 2 ranks, then the same with activation
 checkpointing) it prices the configuration the runtime can run today (pp = 1, ZeRO-3, one micro-batch,
-float32; per layer the fastest option with the row's checkpointing and no offload) with the planner's own
+float32; per layer the fastest option with the row's checkpointing, no offload, and tensor parallel wherever
+a layer supports it when tp > 1) with the planner's own
 pricer and writes it as a plan (the free search would pick pipelines or micro-batching the runtime cannot
 run yet), runs it with `meshplan.execute` and prints predicted and
 measured step time and peak memory per rank with the relative error, then the median absolute errors.
@@ -70,7 +71,10 @@ def runnable_plan(cluster_path: str, world: int, mesh: tuple[int, int, int], che
         options = [p for p in pricer.priced_options(index, config)
                    if not p.option.offload_activations and p.option.checkpoint in (wanted, "none")]
         exact = [p for p in options if p.option.checkpoint == wanted] or options
-        choice.append(min(exact, key=lambda p: p.unit_time_s))
+        # with tp > 1, shard every layer that can be (the plan the row's name describes, so the tensor-parallel
+        # costs are exercised even where replicating would be predicted faster)
+        sharded = [p for p in exact if p.option.strategy == "tensor"] if tp > 1 else []
+        choice.append(min(sharded or exact, key=lambda p: p.unit_time_s))
     result = pricer.predict(config, [0], choice)
     found = SearchResult(best=result, alternatives=[], configs_total=1, configs_screened=1, configs_solved=1)
     return plan_from_search(GPT, graph, cluster, world, spec.global_batch_size, found)
