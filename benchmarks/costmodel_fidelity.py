@@ -2,17 +2,16 @@
 
     PYTHONPATH=$PWD python benchmarks/costmodel_fidelity.py [--cluster cluster.yaml] [--steps 6]
 
-Without --cluster it first runs `meshplan calibrate --nproc-per-node N` for each world size N the plans use
-(4 and 2), so each calibration sees the core sharing its plans will see (4 processes on a 2-core machine
-run at about half speed each), and plans each world size on its own profile. For each plan of
-examples/gpt.py (dp4, dp2 x tp2, tp4 on 4 ranks, dp2 on 2 ranks, then the same with activation
-checkpointing) it prices the configuration the runtime can run today (pp = 1, ZeRO-3, one micro-batch,
-float32; per layer the fastest option with the row's checkpointing, no offload, and tensor parallel wherever
-a layer supports it when tp > 1) with the planner's own
-pricer and writes it as a plan (the free search would pick pipelines or micro-batching the runtime cannot
-run yet), runs it with `meshplan.execute` and prints predicted and
-measured step time and peak memory per rank with the relative error, then the median absolute errors.
-Plans the runtime cannot run yet are reported as "not runnable yet: <reason>" (checkpointing today).
+Without --cluster it first runs `meshplan calibrate --nproc-per-node N` for each world size N the plans use (4
+and 2), so each calibration sees the core sharing its plans will see (4 processes on a 2-core machine run at
+about half speed each), and plans each world size on its own profile. For each plan of examples/gpt.py (dp4,
+dp2 x tp2, tp4 on 4 ranks, dp2 on 2 ranks, then the same with activation checkpointing) it prices the
+configuration the runtime can run today (pp = 1, ZeRO-3, one micro-batch, float32; per layer the fastest
+option with the row's checkpointing, no offload, and tensor parallel wherever a layer supports it when tp > 1)
+with the planner's own pricer and writes it as a plan (the free search would pick pipelines or micro-batching
+the runtime cannot run yet), runs it with `meshplan.execute` and prints predicted and measured step time and
+peak memory per rank with the relative error, then the median absolute errors. Plans the runtime cannot run
+yet are reported as "not runnable yet: <reason>" (checkpointing today).
 Aims: median error <= 15 % for time, <= 10 % for memory.
 """
 

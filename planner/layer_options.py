@@ -134,7 +134,8 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
     """(forward, backward, forward non-matmul) seconds of the layer on one rank.
 
     Each traced op is priced alone on the profile's efficiency curves plus its per-op launch overhead (the
-    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work. Layers
+    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work and, run on
+    DTensors, pay the profile's dtensor_op_overhead instead of the plain per-op overhead. Layers
     without per-op facts (hand-built tables) are priced as one matmul and one memory-bound op per phase.
     """
     if not layer.ops:
@@ -152,8 +153,11 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
     forward_s = backward_s = forward_memory_s = 0.0
     for op in layer.ops:
         divisor = shard if op.tensor_parallel else 1
+        on_dtensors = op.tensor_parallel and shard > 1 and cluster.dtensor_op_overhead_s > 0
         seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * bytes_scale / divisor, cluster,
-                            param_dtype, is_matmul=op.is_matmul, include_overhead=True)
+                            param_dtype, is_matmul=op.is_matmul, include_overhead=not on_dtensors)
+        if on_dtensors:  # activations inside tensor-parallel units are DTensors: DTensor's dispatch per op
+            seconds += cluster.dtensor_op_overhead_s
         if op.phase == "forward":
             forward_s += seconds
             if not op.is_matmul:

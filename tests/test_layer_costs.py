@@ -97,3 +97,16 @@ def test_peak_memory_holds_gradients_or_activations(num_microbatches):
                                             + max(all_gradients, transient))
     else:
         assert parts["gradients"] == all_gradients
+
+
+def test_tensor_parallel_ops_pay_the_dtensor_overhead(cluster):
+    ops = [OpFacts("forward", 2e8, 0.0, True, True), OpFacts("forward", 0.0, 4e6, False, False)]
+    layer = facts(ops=ops)
+    plain = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, cluster)
+    slow = dataclasses.replace(cluster, dtensor_op_overhead_s=1e-3)
+    dtensor = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, slow)
+    # only the tensor-parallel op swaps its plain overhead for the DTensor one
+    assert dtensor.compute_s - plain.compute_s == pytest.approx(1e-3 - cluster.kernel_overhead_s)
+    replicated = price_layer_option(layer, LayerOption("replicate"), 2, 1.0, slow)
+    assert replicated.compute_s == pytest.approx(price_layer_option(layer, LayerOption("replicate"), 2, 1.0,
+                                                                    cluster).compute_s)
