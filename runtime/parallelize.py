@@ -14,11 +14,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.traced_linear import colwise_style, linear_features, rowwise_style
 
 
 def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
@@ -36,17 +37,15 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
         module = _submodule(model, layer.path, f"layer {layer.path}")
         styles = {}
         for unit in layer.tensor_parallel:
-            for col in unit.colwise:
-                styles[col] = ColwiseParallel(use_local_output=False)
-            styles[unit.rowwise] = RowwiseParallel()
-        for rel in styles:
-            sub = _submodule(module, rel, f"layer {layer.path}")
-            if not isinstance(sub, nn.Linear):
-                raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
-                                f"{type(sub).__name__}, not an nn.Linear")
-            if tp_mesh.size() > 1:
-                dim = sub.out_features if isinstance(styles[rel], ColwiseParallel) else sub.in_features
-                if dim % tp_mesh.size():
+            for rel, style in [(col, colwise_style) for col in unit.colwise] + [(unit.rowwise, rowwise_style)]:
+                sub = _submodule(module, rel, f"layer {layer.path}")
+                features = linear_features(sub)  # an nn.Linear, or one a pipeline stage's tracer outlined
+                if features is None:
+                    raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
+                                    f"{type(sub).__name__}, not an nn.Linear")
+                styles[rel] = style(sub)
+                dim = features[1] if style is colwise_style else features[0]
+                if tp_mesh.size() > 1 and dim % tp_mesh.size():
                     raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
                                     f"tp={tp_mesh.size()}")
         parallelize_module(module, tp_mesh, styles)

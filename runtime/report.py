@@ -49,7 +49,8 @@ class RunReport:
         Path(path).write_text(self.to_json())
 
     def format(self) -> str:
-        lines = [f"ran {self.steps} steps on {self.world_size} ranks (dp={self.mesh['dp']} x tp={self.mesh['tp']})",
+        lines = [f"ran {self.steps} steps on {self.world_size} ranks (pp={self.mesh['pp']} x dp={self.mesh['dp']} x "
+                 f"tp={self.mesh['tp']})",
                  "", "step  loss"]
         lines += [f"{i:>4}  {loss:.6f}" for i, loss in enumerate(self.losses)]
         lines += ["", f"{'':<26}{'predicted':>12}{'measured':>12}{'error':>9}"]

@@ -17,6 +17,7 @@ from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.measure import PeakMemoryProbe
 from runtime.parallelize import apply_data_parallel, apply_tensor_parallel, forward_context
+from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 
 
 @dataclass
@@ -44,13 +45,13 @@ def device_for(plan: Plan) -> torch.device:
 def check_runtime_supports(plan: Plan) -> None:
     """Refuse, before any rank builds anything, plan features this runtime cannot run yet."""
     missing = []
-    if plan.mesh.pp > 1:
-        missing.append(f"pipeline parallelism (pp={plan.mesh.pp})")
-    if plan.data_parallel.kind != "zero3" or plan.data_parallel.replicate > 1 or plan.data_parallel.offload:
+    # with dp = 1 every kind is the same (nothing to replicate or shard): FSDP2 over one rank runs it
+    if (plan.data_parallel.kind != "zero3" and plan.mesh.dp > 1) or plan.data_parallel.replicate > 1 \
+            or plan.data_parallel.offload:
         missing.append(f"data_parallel {plan.data_parallel}")
     if plan.precision.param_dtype != "float32" or plan.precision.reduce_dtype != "float32":
         missing.append(f"mixed precision {plan.precision}")
-    if plan.pipeline.num_microbatches > 1:
+    if plan.mesh.pp == 1 and plan.pipeline.num_microbatches > 1:
         missing.append(f"gradient accumulation ({plan.pipeline.num_microbatches} micro-batches)")
     for layer in plan.layers:
         if layer.checkpoint != "none" or layer.offload_activations or layer.sequence_parallel:
@@ -58,6 +59,7 @@ def check_runtime_supports(plan: Plan) -> None:
                            f"{layer.offload_activations}, sequence_parallel={layer.sequence_parallel}")
     if missing:
         raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
+    check_pipeline_supported(plan)
 
 
 def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
@@ -94,6 +96,15 @@ def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimiz
     return loss.detach()
 
 
+def pipelined_train_step(parts: PipelineParts, plan: Plan, optimizer: torch.optim.Optimizer, inputs, targets,
+                         mesh: DeviceMesh) -> torch.Tensor:
+    """One pipeline-schedule step over all micro-batches, then AdamW; returns this dp rank's batch loss."""
+    loss = pipeline_train_step(parts, plan, inputs, targets, mesh)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult:
     """Run `steps` training steps of `plan` on this rank (process group already initialised)."""
     check_runtime_supports(plan)
@@ -104,8 +115,19 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
     if spec.global_batch_size != plan.model.global_batch_size:
         raise PlanError(f"the plan was made for global batch {plan.model.global_batch_size}, the model now "
                         f"asks for {spec.global_batch_size}; re-plan")
-    model = build_parallel_model(plan, spec, mesh)
+    parts = None
+    if plan.mesh.pp > 1:  # pipeline: this rank keeps and runs only its stages (runtime/pipeline.py)
+        parts = build_pipeline(plan, spec, mesh, device)
+        model = nn.ModuleList(parts.modules)
+    else:
+        model = build_parallel_model(plan, spec, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
+
+    def step_once(inputs, targets) -> torch.Tensor:
+        if parts is not None:
+            return pipelined_train_step(parts, plan, optimizer, inputs, targets, mesh)
+        return train_step(model, spec, optimizer, plan, inputs, targets)
+
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = 1 if steps >= 3 else steps - 1
@@ -116,9 +138,9 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None) -> RankResult
         start = time.perf_counter()
         if step == tracked_step:
             with probe.track(model, optimizer):
-                loss = train_step(model, spec, optimizer, plan, inputs, targets)
+                loss = step_once(inputs, targets)
         else:
-            loss = train_step(model, spec, optimizer, plan, inputs, targets)
+            loss = step_once(inputs, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start

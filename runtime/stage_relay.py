@@ -1,0 +1,100 @@
+"""Relay values that skip pipeline stages through the stages in between.
+
+torch.distributed.pipelining sends activations only from a stage to the next one. Models often make a value
+once and use it in every layer (Llama's rotary tables, computed in the root forward and passed to each block),
+so after cutting, stage 3 may take a value made on stage 0: a skip connection the schedules refuse mid-run. This
+rewrites the traced `Pipe` so each stage in between takes the value as one more input and returns it unchanged
+as one more output; every value then moves one stage at a time, by torch's own send/recv, and its gradient
+(when it has one) flows back the same way.
+
+The rewrite touches only fx graphs: the split graph (`pipe.split_gm`, which `_PipelineStage` reads to plan the
+communication) and the stage modules' graphs (a new placeholder, and the output tuple grown by one). torch's
+traced stage reads output index i of a stage from its i-th `getitem` user, so new getitems go after the
+existing ones.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+
+def _source(value: fx.Node) -> fx.Node:
+    while value.op == "call_function" and value.target is operator.getitem:
+        value = value.args[0]
+    return value
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(node for node in graph.nodes if node.op == "output")
+
+
+def produced_value(pipe, value: fx.Node) -> fx.Node:
+    """The node inside the producing stage's graph that `value` (a node of the split graph) stands for."""
+    if value.op == "call_function" and value.target is operator.getitem:
+        outputs = _output_node(pipe.split_gm.get_submodule(value.args[0].target).graph).args[0]
+        return outputs[value.args[1]]
+    if value.op == "call_module":
+        return _output_node(pipe.split_gm.get_submodule(value.target).graph).args[0]
+    return value
+
+
+def _pass_through(pipe, call: fx.Node, value: fx.Node) -> fx.Node:
+    """Make stage `call` take `value` as a last input and return it as a last output; returns the split-graph
+    node for that new output."""
+    module = pipe.split_gm.get_submodule(call.target)
+    graph = module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if value in call.args:  # the stage takes it already (placeholders and call args are 1:1): one receive
+        relayed = placeholders[call.args.index(value)]
+    else:
+        with graph.inserting_after(placeholders[-1]):
+            relayed = graph.placeholder(f"relayed_{value.name}")
+        relayed.meta["val"] = produced_value(pipe, value).meta["val"]
+        call.args = (*call.args, value)
+    output = _output_node(graph)
+    outputs = output.args[0]
+    single = not isinstance(outputs, (tuple, list))
+    outputs = ((outputs,) if single else tuple(outputs)) + (relayed,)
+    output.args = (outputs,)
+    module.recompile()
+
+    split_graph = pipe.split_gm.graph
+    if single:  # its users took the whole output; now they take item 0
+        users = list(call.users)
+        with split_graph.inserting_after(call):
+            first = split_graph.call_function(operator.getitem, (call, 0))
+        for user in users:
+            user.replace_input_with(call, first)
+    last = [user for user in call.users if user.target is operator.getitem][-1]
+    with split_graph.inserting_after(last):
+        return split_graph.call_function(operator.getitem, (call, len(outputs) - 1))
+
+
+def relay_skipping_values(pipe) -> int:
+    """Route every value a stage takes from an earlier, non-neighbouring stage through the stages in between.
+
+    Model inputs used past stage 0 are left alone (the first stage alone receives them). Returns how many
+    stage inputs were rerouted.
+    """
+    split_graph = pipe.split_gm.graph
+    calls = [node for node in split_graph.nodes if node.op == "call_module"]
+    stage_of = {node: stage for stage, node in enumerate(calls)}
+    carriers: dict[tuple[fx.Node, int], fx.Node] = {}
+    rerouted = 0
+    for stage, call in enumerate(calls):
+        for value in list(call.all_input_nodes):
+            made_on = stage_of.get(_source(value))
+            if made_on is None or made_on >= stage - 1:
+                continue
+            carrier = value
+            for between in range(made_on + 1, stage):
+                if (value, between) not in carriers:
+                    carriers[(value, between)] = _pass_through(pipe, calls[between], carrier)
+                carrier = carriers[(value, between)]
+            call.replace_input_with(value, carrier)
+            rerouted += 1
+    split_graph.lint()
+    pipe.split_gm.recompile()
+    return rerouted

@@ -1,0 +1,72 @@
+"""Tensor-parallel styles for linears in pipeline stage modules built by the torch.export tracer.
+
+`torch.distributed.pipelining.pipeline` exports the model and rebuilds each stage's module hierarchy with
+`InterpreterModule`s: `blocks.2.attn.q` keeps its FQN and its `weight`/`bias` parameters, but it is no longer an
+`nn.Linear`, it is a one-op graph `aten.linear(x, weight, bias)`. torch's ColwiseParallel / RowwiseParallel
+refuse any module that is not an `nn.Linear`, although what they do to one (shard the parameters, lay out the
+input, redistribute the output) only needs those parameters. The two styles here apply exactly torch's
+partition and input/output functions to such a traced linear.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.export.unflatten import InterpreterModule
+
+
+def _is_traced_linear(module: nn.Module) -> bool:
+    """True for an InterpreterModule whose graph is one `aten.linear` over its own `weight` (and `bias`)."""
+    if not isinstance(module, InterpreterModule):
+        return False
+    ops = [node for node in module.graph.nodes if node.op == "call_function"]
+    if len(ops) != 1 or ops[0].target != torch.ops.aten.linear.default:
+        return False
+    attrs = [node.target for node in module.graph.nodes if node.op == "get_attr"]
+    return attrs in (["weight"], ["weight", "bias"]) and module.weight.dim() == 2
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a traced linear; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_traced_linear(module):
+        out_features, in_features = module.weight.shape
+        return in_features, out_features
+    return None
+
+
+class TracedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a traced linear: weight and bias sharded on dim 0, output sharded on the last dim."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition_linear_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class TracedRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a traced linear: weight sharded on dim 1, bias replicated, input sharded on the last
+    dim (as torch sets for an nn.Linear), output all-reduced to a replicated plain tensor."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(module, device_mesh, self._partition_linear_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+def colwise_style(module: nn.Module) -> ColwiseParallel:
+    """The column style for this linear, keeping activations as DTensors (global shapes stay valid)."""
+    return ColwiseParallel(use_local_output=False) if isinstance(module, nn.Linear) \
+        else TracedColwiseParallel(use_local_output=False)
+
+
+def rowwise_style(module: nn.Module) -> RowwiseParallel:
+    """The row style for this linear; its output is a plain replicated tensor."""
+    return RowwiseParallel() if isinstance(module, nn.Linear) else TracedRowwiseParallel()

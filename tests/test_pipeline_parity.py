@@ -1,0 +1,157 @@
+"""Pipeline parallelism numerics on CPU/gloo: pipeline plans match a single process of the same model.
+
+Each plan is edited as a person would, so the schedules and cuts tested do not depend on the planner's choices:
+a pp = 1 plan for dp x tp ranks gets mesh.pp, a schedule, micro-batches and layer stages. One torchrun launch per
+world size runs all its plans (start-up dominates), 3 AdamW steps each, comparing at every step the global-batch
+loss and every gradient each rank holds, and every parameter at the end (relative error of the difference's norm,
+per tensor, worst over ranks):
+- float64: within 1e-9. Micro-batching only changes summation order (mean of micro-batch means vs one mean),
+  so anything larger is a bug; a wrong gradient scale shows up as O(1).
+- float32: loss within 1e-5, gradients and parameters within 1e-3 (LayerNorm-bias gradients are sums of
+  nearly cancelling terms; see test_parity.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_parity import force_tensor_parallel
+
+from meshplan import execute
+from planner.api import plan
+from planner.model_spec import load_model_spec
+from planner.plan import DataParallelPlan, Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT = f"{ROOT}/examples/gpt.py:build_gpt"
+LLAMA = f"{ROOT}/examples/llama.py:build_llama"
+TOLERANCE = {"float64": {"loss": 1e-9, "grad": 1e-9, "param": 1e-9},
+             "float32": {"loss": 1e-5, "grad": 1e-3, "param": 1e-3}}
+STEPS = 3
+# GPT's chain: wte, wpe, blocks.0-3, ln_f, head. First layer of each stage after stage 0:
+TWO_STAGES = ("blocks.2",)
+FOUR_STAGES = ("blocks.1", "blocks.2", "blocks.3")
+
+
+@functools.cache
+def _planned(model: str, dp: int, tp: int) -> Plan:
+    """The planner's pp = 1 plan for dp x tp ranks (tensor-parallel wherever possible when tp > 1); cached,
+    as planning traces the model."""
+    result = plan(model, "cpu", dp * tp, mesh=(1, dp, tp))
+    return force_tensor_parallel(result) if tp > 1 else result
+
+
+def pipeline_plan(model: str, pp: int, dp: int, tp: int, schedule: str, num_microbatches: int,
+                  stage_starts: tuple[str, ...]) -> Plan:
+    """A plan for pp x dp x tp ranks: the planner's dp x tp plan with a pipeline edited in."""
+    result = copy.deepcopy(_planned(model, dp, tp))
+    result.data_parallel = DataParallelPlan(kind="zero3")  # what the runtime shards pipeline stages with
+    result.world_size = pp * dp * tp
+    result.mesh.pp = pp
+    result.pipeline.schedule = schedule
+    result.pipeline.num_microbatches = num_microbatches
+    result.pipeline.virtual_stages = (len(stage_starts) + 1) // pp if schedule == "interleaved_1f1b" else 1
+    stage = 0
+    for layer in result.layers:
+        stage += layer.path in stage_starts
+        layer.stage = stage
+    result.validate("test")
+    return result
+
+
+def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> dict:
+    """Launch one torchrun over `runs` (name -> (plan, dtype)); returns the worker's results by name."""
+    world_sizes = {plan_obj.world_size for plan_obj, _ in runs.values()}
+    assert len(world_sizes) == 1, world_sizes
+    args = []
+    for name, (plan_obj, dtype) in runs.items():
+        plan_obj.save(tmp_path / f"{name}.yaml")
+        args.append(f"{dtype}:{tmp_path / name}.yaml")
+    out = tmp_path / "parity.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world_sizes.pop()}", str(ROOT / "tests" / "pipeline_parity_worker.py"),
+               str(out), str(STEPS), *args]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    return {name.rsplit("-", 1)[0]: result for name, result in json.loads(out.read_text()).items()}
+
+
+def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) -> None:
+    assert not result["missing"], f"no rank holds {result['missing']}"
+    # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
+    assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
+    # the tp runs are GPT's: 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias and
+    # mlp.proj.weight
+    assert result["tp_sharded"] == (28 if tp > 1 else 0), result["tp_sharded"]
+    assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
+    assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
+    for quantity, tolerance in TOLERANCE[dtype].items():
+        assert result["worst"][quantity] < tolerance, (quantity, result)
+
+
+# name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype[, model]); one launch per
+# world size. Llama's root forward computes rotary tables that every block takes: with 4 stages they are relayed
+# through stages 1 and 2 (runtime/stage_relay.py); LongResidual relays a value with a gradient.
+CONFIGS = {
+    2: {"pp2_1f1b": (2, 1, 1, "1f1b", 4, TWO_STAGES, "float64"),
+        "pp2_interleaved_llama": (2, 1, 1, "interleaved_1f1b", 2, ("layers.1", "layers.2", "layers.3"), "float64",
+                                  LLAMA),
+        "pp2_interleaved_residual": (2, 1, 1, "interleaved_1f1b", 2, ("b", "c", "d"), "float64",
+                                     f"{ROOT}/tests/models.py:build_long_residual"),
+        "pp2_gpipe": (2, 1, 1, "gpipe", 2, TWO_STAGES, "float64"),
+        "pp2_interleaved": (2, 1, 1, "interleaved_1f1b", 4, FOUR_STAGES, "float64"),
+        "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
+    4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
+    8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs each world size's launch on first use; cached for the module."""
+    done: dict[int, dict] = {}
+
+    def get(world_size: int) -> dict:
+        if world_size not in done:
+            runs = {name: (pipeline_plan((config[7:] or (GPT,))[0], *config[:6]), config[6])
+                    for name, config in CONFIGS[world_size].items()}
+            done[world_size] = run_pipeline_parity(runs, tmp_path_factory.mktemp(f"pp_world{world_size}"))
+        return done[world_size]
+
+    return get
+
+
+@pytest.mark.parametrize(("world_size", "name"), [(w, n) for w, configs in CONFIGS.items() for n in configs])
+def test_pipeline_matches_single_process(world_size, name, results):
+    config = CONFIGS[world_size][name]
+    check(results(world_size)[name], dtype=config[6], pp=config[0], dp=config[1], tp=config[2],
+          num_stages=len(config[5]) + 1)
+
+
+def test_execute_runs_a_pipeline_plan_end_to_end():
+    """`execute` (torchrun, run_rank, report) on a hand-edited pp2 plan: the losses it reports are a single
+    process's (float32, within 1e-5), and every rank measured time and memory."""
+    pipe_plan = pipeline_plan(GPT, 2, 1, 1, "interleaved_1f1b", 4, FOUR_STAGES)
+    report = execute(pipe_plan, steps=3, quiet=True)
+    torch.manual_seed(pipe_plan.seed)
+    spec = load_model_spec(GPT)
+    optimizer = torch.optim.AdamW(spec.model.parameters(), lr=spec.learning_rate)
+    expected = []
+    for step in range(3):
+        inputs, targets = spec.make_batch(spec.global_batch_size, step)
+        loss = spec.loss_fn(spec.model(*inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss.item())
+    assert report.mesh == {"pp": 2, "dp": 1, "tp": 1}
+    assert report.losses == pytest.approx(expected, rel=1e-5)
+    assert all(r.step_times_s and r.peak_memory_bytes > 0 for r in report.ranks), report.ranks
