@@ -156,7 +156,8 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
     """(forward, backward, forward non-matmul) seconds of the layer on one rank.
 
     Each traced op is priced alone on the profile's efficiency curves plus its per-op launch overhead (the
-    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work. Layers
+    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work and, run on
+    DTensors, pay the profile's dtensor_op_overhead instead of the plain per-op overhead. Layers
     without per-op facts (hand-built tables) are priced as one matmul and one memory-bound op per phase.
     """
     if not layer.ops:
@@ -174,8 +175,12 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
     forward_s = backward_s = forward_memory_s = 0.0
     for op in layer.ops:
         divisor = shard if op.tensor_parallel else outside
+        # activations inside tensor-parallel units (and, under sequence parallelism, around them) are DTensors
+        on_dtensors = shard > 1 and (op.tensor_parallel or outside > 1) and cluster.dtensor_op_overhead_s > 0
         seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * bytes_scale / divisor, cluster,
-                            param_dtype, is_matmul=op.is_matmul, include_overhead=True)
+                            param_dtype, is_matmul=op.is_matmul, include_overhead=not on_dtensors)
+        if on_dtensors:  # DTensor's dispatch per op replaces the plain op's overhead
+            seconds += cluster.dtensor_op_overhead_s
         if op.phase == "forward":
             forward_s += seconds
             if not op.is_matmul:
