@@ -13,8 +13,9 @@ What it measures, per rank, then combines over ranks (the slowest rank's time co
   the base profile's (datasheet) and efficiency = achieved / peak; on CPU there is no datasheet peak, so the
   peak becomes the best achieved rate and the curve is relative to it.
 - per-op overhead of a training step: time per aten op of an eager forward + backward of tiny layers
-  (launch, dispatcher, autograd, nn.Module calls); and AdamW's time per parameter tensor on tiny DTensor
-  parameters (FSDP2 holds parameters as DTensors).
+  (launch, dispatcher, autograd, nn.Module calls); the same on replicated DTensors (what ops inside
+  tensor-parallel units pay); and AdamW's time per parameter tensor on tiny DTensor parameters (FSDP2 holds
+  parameters as DTensors).
 - memory bandwidth and its curve: dst.copy_(src) of several sizes, 2 x size bytes moved; the largest copy sets
   memory_bandwidth_gb_per_s, smaller ones the efficiency curve. The bare dispatch time of one op (a
   one-element add) is subtracted from every timed matmul and copy before computing efficiencies, because
@@ -49,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, load_cluster, save_cluster
@@ -166,6 +167,28 @@ def measure_kernel_overhead_s(device: torch.device, settings: dict) -> float:
     counter = _CountOps()
     with counter:
         step()
+    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"])
+    return seconds / max(counter.count, 1)
+
+
+def measure_dtensor_op_overhead_s(device: torch.device, settings: dict) -> float:
+    """Time per aten op of the same tiny forward + backward as measure_kernel_overhead_s, with parameters and
+    input as replicated DTensors on the whole world (no communication): DTensor's per-op sharding
+    propagation and dispatch, what tensor-parallel regions pay for every op."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    width = 16
+    plain = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+                            for _ in range(8)]).to(device)
+    x = torch.randn(4, width, device=device)
+    counter = _CountOps()
+    with counter:
+        plain(x).sum().backward()
+    model = distribute_module(plain, mesh)
+    x_dtensor = distribute_tensor(x, mesh, [Replicate()])
+
+    def step():
+        model(x_dtensor).sum().backward()
+
     seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"])
     return seconds / max(counter.count, 1)
 
@@ -332,7 +355,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         collective_levels.append("intra_node")
         if num_nodes > 1:
             collective_levels.append("inter_node")
-    total = (2 + len(dtypes) * len(settings["matmul_sizes"]) + len(settings["copy_mib"])
+    total = (3 + len(dtypes) * len(settings["matmul_sizes"]) + len(settings["copy_mib"])
              + (1 if device.type == "cuda" else 0)
              + len(collective_levels) * len(_COLLECTIVES) * len(settings["message_kib"]))
     progress = Progress(total, enabled=rank == 0)
@@ -345,6 +368,8 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
     progress.step("per-op overhead (tiny training step)")
     optimizer_overhead_s = _slowest_rank_s(measure_optimizer_tensor_overhead_s(device, settings), device)
     progress.step("optimizer per-tensor overhead")
+    dtensor_overhead_s = _slowest_rank_s(measure_dtensor_op_overhead_s(device, settings), device)
+    progress.step("DTensor per-op overhead")
 
     peaks = dict(base.peak_flops_per_s)
     curves = {}
@@ -388,8 +413,8 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // base.devices_per_node
     lines.append(f"host link {host_link.bandwidth_bytes_per_s / 1e9:8.2f} GB/s   device memory "
                  f"{memory_bytes / 2**30:.2f} GiB")
-    lines.append(f"overhead  {overhead_s * 1e6:.1f} us per op of a training step, {optimizer_overhead_s * 1e6:.1f} us "
-                 "per parameter tensor of AdamW")
+    lines.append(f"overhead  {overhead_s * 1e6:.1f} us per op of a training step ({dtensor_overhead_s * 1e6:.1f} us on "
+                 f"DTensors), {optimizer_overhead_s * 1e6:.1f} us per parameter tensor of AdamW")
 
     links = {"intra_node": base.intra_node, "inter_node": base.inter_node}
     overrides: dict[str, dict[str, LinkSpec]] = {}
@@ -429,6 +454,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         device_memory_bytes=int(memory_bytes), peak_flops_per_s=peaks, matmul_efficiency=curves,
         memory_bandwidth_bytes_per_s=bandwidth, memory_efficiency=memory_curve,
         kernel_overhead_s=_rounded(overhead_s), optimizer_tensor_overhead_s=_rounded(optimizer_overhead_s),
+        dtensor_op_overhead_s=_rounded(dtensor_overhead_s),
         host_link=host_link,
         intra_node=links["intra_node"], inter_node=links["inter_node"],
         collective_links={**base.collective_links, **overrides})

@@ -74,7 +74,8 @@ _REQUIRED_KEYS = (
 )
 _OPTIONAL_KEYS = ("description",)
 _V2_REQUIRED_KEYS = (*_REQUIRED_KEYS, "memory_efficiency", "kernel_overhead_us", "overlap")
-_V2_OPTIONAL_KEYS = ("description", "host_link", "collectives", "optimizer_tensor_overhead_us")
+_V2_OPTIONAL_KEYS = ("description", "host_link", "collectives", "optimizer_tensor_overhead_us",
+                     "dtensor_op_overhead_us")
 
 
 class ClusterError(ValueError):
@@ -357,6 +358,11 @@ class Cluster:
     dispatcher, autograd and nn.Module overhead everywhere. `calibrate` measures it as the time per op of an
     eager forward + backward of tiny layers, where the arithmetic is negligible."""
 
+    dtensor_op_overhead_s: float = 0.0
+    """Fixed time per aten op of a training step that runs on DTensors (tensor-parallel regions), instead of
+    kernel_overhead_s: DTensor's sharding propagation and dispatch in Python. `calibrate` measures it with a
+    tiny forward + backward on replicated DTensors (no communication). 0 = use kernel_overhead_s."""
+
     optimizer_tensor_overhead_s: float = 0.0
     """Fixed time per parameter tensor of the optimizer step (seconds), beyond its memory traffic: torch's
     per-tensor loop (or foreach launches) over DTensor parameters as FSDP2 holds them. `calibrate` measures it
@@ -383,7 +389,8 @@ class Cluster:
         _check_int(source, "devices_per_node", self.devices_per_node)
         _check_int(source, "device_memory_bytes", self.device_memory_bytes)
         for name, kind in (("usable_memory_fraction", "fraction"), ("memory_bandwidth_bytes_per_s", "positive"),
-                           ("kernel_overhead_s", "non-negative"), ("optimizer_tensor_overhead_s", "non-negative")):
+                           ("kernel_overhead_s", "non-negative"), ("optimizer_tensor_overhead_s", "non-negative"),
+                           ("dtensor_op_overhead_s", "non-negative")):
             object.__setattr__(self, name, _check_number(source, name, getattr(self, name), kind))
         peak = _check_mapping(source, "peak_flops_per_s", self.peak_flops_per_s)
         _check_peak_keys(source, "peak_flops_per_s", peak)
@@ -422,6 +429,7 @@ class Cluster:
                      tuple(sorted(self.peak_flops_per_s.items())), tuple(sorted(self.matmul_efficiency.items())),
                      self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description,
                      self.memory_efficiency, self.kernel_overhead_s, self.optimizer_tensor_overhead_s,
+                     self.dtensor_op_overhead_s,
                      self.host_link, links, self.overlap))
 
     @property
@@ -497,6 +505,7 @@ class Cluster:
             memory_efficiency=self.memory_efficiency.to_list(),
             kernel_overhead_us=_to_human(self.kernel_overhead_s, _US_PER_S, inverse=True),
             optimizer_tensor_overhead_us=_to_human(self.optimizer_tensor_overhead_s, _US_PER_S, inverse=True),
+            dtensor_op_overhead_us=_to_human(self.dtensor_op_overhead_s, _US_PER_S, inverse=True),
             intra_node=_link_to_dict(self.intra_node),
             inter_node=_link_to_dict(self.inter_node),
         )
@@ -550,6 +559,9 @@ class Cluster:
                 optimizer_tensor_overhead_s=_to_base(_check_number(
                     source, "optimizer_tensor_overhead_us", data.get("optimizer_tensor_overhead_us", 0),
                     "non-negative"), _US_PER_S, inverse=True),
+                dtensor_op_overhead_s=_to_base(_check_number(
+                    source, "dtensor_op_overhead_us", data.get("dtensor_op_overhead_us", 0), "non-negative"),
+                    _US_PER_S, inverse=True),
                 overlap=_overlap_from_dict(source, data["overlap"]),
                 collective_links=_collectives_from_dict(source, data.get("collectives", {})),
             )

@@ -70,7 +70,7 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
             if option.strategy == "tensor" else []
         memory = priced.state_bytes + priced.micro.activation_bytes
         layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
-                                stage=stage, checkpoint=option.checkpoint,
+                                sequence_parallel=option.sequence_parallel, stage=stage, checkpoint=option.checkpoint,
                                 offload_activations=option.offload_activations,
                                 predicted_time_ms=_ms(priced.unit_time_s * config.num_microbatches),
                                 predicted_memory_mib=_mib(memory)))

@@ -14,7 +14,13 @@ Overlap: the profile's overlap fractions (`fsdp_all_gather`, `gradient_reduction
 
 Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
 stage's micro-batches in flight x its layers' kept activations + a reserve: the largest gathered ZeRO-3
-layer and one layer's full activations (what backward or recomputation has live at once).
+layer and one layer's full activations (what backward or recomputation has live at once). The exact pass
+(`predict`) counts the chosen assignment's buffers (the largest gathered layer and what the recomputed layer
+rematerialises), and the gradients live at the peak: with one micro-batch the runtime's
+zero_grad(set_to_none=True) leaves no gradient when backward starts with every activation live, and backward
+frees activations as it makes gradients, so the peak holds max(activations + buffers, gradients) beside the
+parameters and optimizer states (the breakdown's `gradients` is the part above activations + buffers); with
+gradient accumulation the gradients persist and add up.
 
 Two passes: `screen_config` uses the LP relaxation (planner/memory_fit.py) inside the pipeline partitioner
 to get an optimistic step time for thousands of configurations; `solve_config` re-solves the chosen cut with
@@ -116,17 +122,19 @@ class ConfigPricer:
                             if layer.num_params else 0 for layer in self.layers]
 
     # ---- per-layer tables -------------------------------------------------------------------------------
-    def micro_options(self, index: int, tp: int, micro_batch_size: int,
-                      param_dtype: str) -> list[tuple[LayerOption, OptionCost]]:
+    def micro_options(self, index: int, tp: int, micro_batch_size: int, param_dtype: str,
+                      pipelined: bool = False) -> list[tuple[LayerOption, OptionCost]]:
+        """Options of a layer and their per-micro-batch costs (sequence parallelism only without a pipeline)."""
         layer = self.layers[index]
-        key = (layer.kind, tp, micro_batch_size, param_dtype)
+        key = (layer.kind, tp, micro_batch_size, param_dtype, pipelined)
         if key not in self._micro:
             tp_key = (layer.kind, tp)
             if tp_key not in self._tp_ok:
                 self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
+            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=not pipelined)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
-                                for o in layer_options(layer, self._tp_ok[tp_key], self.cluster)]
+                                for o in options]
         return self._micro[key]
 
     def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
@@ -148,7 +156,8 @@ class ConfigPricer:
         overlap = self.cluster.overlap
         setup = config.data_parallel_setup()
         priced = []
-        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
+        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype,
+                                                config.pp > 1):
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
             # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)
@@ -276,8 +285,12 @@ class ConfigPricer:
         The result is infeasible (infinite time) when some rank exceeds the device's usable memory.
         """
         n = len(self.layers)
-        tables = [self.priced_options(i, config) for i in range(n)]
-        reserve = self.reserve_bytes(config, tables)
+        # buffers of the chosen assignment: the largest gathered ZeRO-3 layer, and what the layer being
+        # recomputed rematerialises (its working bytes; 0 for layers that keep everything they saved, whose
+        # activations are already counted, so the screening's conservative reserve would count them twice)
+        reserve = gathered_buffer_bytes(max((c.micro.local_num_params for c in choice), default=0),
+                                        config.data_parallel_setup()) + max((c.micro.working_bytes for c in choice),
+                                                                            default=0)
         stage_of = stages_of_layers(starts, n)
         in_flight = self.in_flight(config)
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
@@ -301,8 +314,10 @@ class ConfigPricer:
                     "bubble_s": (factor - m) * micro_s})
             activations = sum(in_flight[stage_of[i]] * choice[i].micro.activation_bytes
                               for i in range(n) if stage_of[i] % config.pp == rank)
-            parts = {"parameters": sum(c.parameters_bytes for c in members),
-                     "gradients": sum(c.gradients_bytes for c in members),
+            gradients = sum(c.gradients_bytes for c in members)
+            if config.num_microbatches == 1:  # gradients appear as backward frees activations (module docstring)
+                gradients = max(0, gradients - int(activations) - reserve)
+            parts = {"parameters": sum(c.parameters_bytes for c in members), "gradients": gradients,
                      "optimizer_states": sum(c.optimizer_states_bytes for c in members),
                      "activations": int(activations), "buffers": reserve}
             if sum(parts.values()) > peak:

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from costmodel import Cluster, all_reduce_time_s, dtype_bytes, exposed_time_s, host_transfer_time_s, op_time_s
+from costmodel import (
+    Cluster,
+    all_gather_time_s,
+    all_reduce_time_s,
+    dtype_bytes,
+    exposed_time_s,
+    host_transfer_time_s,
+    op_time_s,
+)
 from planner.model_graph import LayerFacts
 
 CHECKPOINTS = ("none", "selective", "full")
@@ -40,10 +48,12 @@ class LayerOption:
     """`replicate` or `tensor`."""
     checkpoint: str = "none"
     offload_activations: bool = False
+    sequence_parallel: bool = False
+    """`tensor` only: norms, dropout and the residual stream inside the layer are sharded on the sequence."""
 
     @property
     def label(self) -> str:
-        parts = [self.strategy]
+        parts = [self.strategy + ("+sp" if self.sequence_parallel else "")]
         if self.checkpoint != "none":
             parts.append(f"ckpt-{self.checkpoint}")
         if self.offload_activations:
@@ -86,12 +96,17 @@ def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bo
     return True
 
 
-def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster) -> list[LayerOption]:
-    """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties)."""
-    strategies = ["replicate"] + (["tensor"] if tensor_parallel_ok else [])
+def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster,
+                  sequence_parallel_ok: bool = False) -> list[LayerOption]:
+    """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties).
+
+    Sequence parallelism is offered with tensor parallelism when the caller allows it (the runtime runs it
+    without a pipeline only)."""
+    strategies = [("replicate", False)] + ([("tensor", False)] if tensor_parallel_ok else []) + (
+        [("tensor", True)] if tensor_parallel_ok and sequence_parallel_ok else [])
     offloads = [False, True] if cluster.host_link is not None and layer.saved_bytes else [False]
     checkpoints = CHECKPOINTS if layer.fwd_flops > 0 and layer.saved_bytes > layer.input_bytes else ("none",)
-    return [LayerOption(s, c, o) for s in strategies for o in offloads for c in checkpoints
+    return [LayerOption(s, c, o, sp) for s, sp in strategies for o in offloads for c in checkpoints
             if not (o and c != "none")]
 
 
@@ -100,15 +115,22 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     """Time per micro-batch and activation bytes of `layer` under `option` (see the module docstring)."""
     shard = tp if option.strategy == "tensor" else 1
     act_scale = batch_scale * dtype_bytes(param_dtype) / TRACED_DTYPE_BYTES
+    # sequence parallelism shards the rest of the layer (norms, residual, dropout) too
+    outside = shard if option.sequence_parallel else 1
 
     def split(total: float, in_units: float) -> float:
-        return total - in_units + in_units / shard
+        return (total - in_units) / outside + in_units / shard
 
-    fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype)
+    fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
+                                                  outside)
     allreduce_s = 0.0
     if shard > 1:
-        allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, list(range(tp)), cluster)
+        group = list(range(tp))
+        # with sequence parallelism each all-reduce is a reduce-scatter + an all-gather: the same bytes
+        allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, group, cluster)
         allreduce_s = exposed_time_s(allreduce_s, fwd_s, cluster.overlap.tensor_parallel)
+        if option.sequence_parallel:  # the layer's output is gathered back to replicated, forward and backward
+            allreduce_s += all_gather_time_s(layer.input_bytes * act_scale, group, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
     inputs = int(layer.input_bytes * act_scale)
     recompute_s, tp_comm_s, offload_s = 0.0, 2 * allreduce_s, 0.0
@@ -130,16 +152,17 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
 
 
 def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_scale: float, cluster: Cluster,
-                     param_dtype: str) -> tuple[float, float, float]:
+                     param_dtype: str, outside: int = 1) -> tuple[float, float, float]:
     """(forward, backward, forward non-matmul) seconds of the layer on one rank.
 
     Each traced op is priced alone on the profile's efficiency curves plus its per-op launch overhead (the
-    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work. Layers
+    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work and, run on
+    DTensors, pay the profile's dtensor_op_overhead instead of the plain per-op overhead. Layers
     without per-op facts (hand-built tables) are priced as one matmul and one memory-bound op per phase.
     """
     if not layer.ops:
         def split(total: float, in_units: float) -> float:
-            return total - in_units + in_units / shard
+            return (total - in_units) / outside + in_units / shard
 
         fwd_memory_s = op_time_s(0.0, split(layer.fwd_bytes, layer.tp_fwd_bytes) * bytes_scale, cluster,
                                  param_dtype, is_matmul=False)
@@ -151,9 +174,13 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
         return fwd_s, bwd_s, fwd_memory_s
     forward_s = backward_s = forward_memory_s = 0.0
     for op in layer.ops:
-        divisor = shard if op.tensor_parallel else 1
+        divisor = shard if op.tensor_parallel else outside
+        # activations inside tensor-parallel units (and, under sequence parallelism, around them) are DTensors
+        on_dtensors = shard > 1 and (op.tensor_parallel or outside > 1) and cluster.dtensor_op_overhead_s > 0
         seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * bytes_scale / divisor, cluster,
-                            param_dtype, is_matmul=op.is_matmul, include_overhead=True)
+                            param_dtype, is_matmul=op.is_matmul, include_overhead=not on_dtensors)
+        if on_dtensors:  # DTensor's dispatch per op replaces the plain op's overhead
+            seconds += cluster.dtensor_op_overhead_s
         if op.phase == "forward":
             forward_s += seconds
             if not op.is_matmul:

@@ -5,9 +5,10 @@ statistic, so `torch.distributed._tools.mem_tracker.MemTracker` follows every te
 and reports the peak with a breakdown (parameters, gradients, optimizer states, activations, temporaries).
 MemTracker slows the step down, so the runtime measures memory on one step and time on the others.
 
-Only the step's peak is kept, so the tracker here leaves out MemTracker's per-module statistics: those refuse a
-module that runs forward again after a backward in the same tracked region ("multiple iterative calls"), which
-is what micro-batching does (a pipeline stage runs forward and backward once per micro-batch). Parameters,
+Gradient accumulation calls `reset_mod_stats` between micro-batches (MemTracker otherwise takes a second
+forward of the root for a new iteration). Pipeline stages cannot use the per-module statistics at all: those
+refuse a module that runs forward again after a backward in the same tracked region ("multiple iterative
+calls"), which a schedule does once per micro-batch, so for them the tracker leaves them out. Parameters,
 gradients and optimizer states are still attributed through `track_external` (with gradient hooks, which the
 per-module hooks would have installed); everything else the step allocates counts as activations (forward)
 or temporaries (backward).
@@ -65,7 +66,9 @@ class PeakMemoryProbe:
         self.result = MemoryMeasurement()
 
     @contextlib.contextmanager
-    def track(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def track(self, model: nn.Module, optimizer: torch.optim.Optimizer, per_module: bool = True):
+        """per_module=False for pipeline stages (see the module docstring); it loses the attribution of FSDP's
+        gathered parameters, which then count as activations."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -73,7 +76,9 @@ class PeakMemoryProbe:
             torch.cuda.synchronize(self.device)
             self.result = MemoryMeasurement(peak_bytes=int(torch.cuda.max_memory_allocated(self.device)))
             return
-        tracker = _step_peak_tracker()
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker() if per_module else _step_peak_tracker()
         inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer keeps its states in a local optimizer
         tracker.track_external(model, optimizer, *([inner] if isinstance(inner, torch.optim.Optimizer) else []))
         with tracker:

@@ -182,7 +182,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         dist.barrier()
         start = time.perf_counter()
         if step == tracked_step:
-            with probe.track(model, optimizer) as next_microbatch:
+            with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
                 loss = step_once(inputs, targets, next_microbatch)
         else:
             loss = step_once(inputs, targets)

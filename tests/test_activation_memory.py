@@ -87,14 +87,17 @@ class PaperBlock(nn.Module):
 
 
 class Stack(nn.Module):
+    """Blocks then a final LayerNorm, as in GPT: every block's output is saved by the next LayerNorm."""
+
     def __init__(self, num_layers: int):
         super().__init__()
         self.blocks = nn.ModuleList(PaperBlock(H, A) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
-        return x
+        return self.ln_f(x)
 
 
 def build_stack() -> ModelSpec:
@@ -113,9 +116,10 @@ def build_stack() -> ModelSpec:
 def block_facts():
     graph = build_model_graph(build_stack())
     layers = {layer.path: layer for layer in graph.layers}
-    assert list(layers) == ["blocks.0", "blocks.1", "blocks.2"]
-    # A middle block: a layer's saved bytes include its output (saved by the next block's LayerNorm) instead
-    # of its input (counted in the previous layer), so a middle block holds exactly one layer's worth.
+    assert list(layers) == ["blocks.0", "blocks.1", "blocks.2", "ln_f"]
+    # A layer's saved bytes include its output (saved by the next LayerNorm) instead of its input (counted in
+    # the previous layer), so any block after the first holds exactly one layer's worth. (The planner traces
+    # the first two blocks of an identical stack and copies the second's facts to the rest.)
     return layers["blocks.1"]
 
 

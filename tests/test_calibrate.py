@@ -48,7 +48,8 @@ def test_calibrate_writes_a_profile_that_plans_use(tmp_path):
     cluster = load_cluster(out)
     base = load_cluster("cpu")
     assert cluster.name == "ci-cpu" and cluster.device_type == "cpu" and cluster.backend == "gloo"
-    assert cluster.kernel_overhead_s > 0
+    assert cluster.kernel_overhead_s > 0 and cluster.optimizer_tensor_overhead_s > 0
+    assert cluster.dtensor_op_overhead_s > cluster.kernel_overhead_s  # DTensor dispatch costs more than a plain op
     assert cluster.memory_bandwidth_bytes_per_s != base.memory_bandwidth_bytes_per_s
     assert len(cluster.matmul_efficiency["float32"].points) == 3
     assert cluster.intra_node != base.intra_node and cluster.intra_node.latency_s > 0

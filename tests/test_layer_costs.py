@@ -67,3 +67,58 @@ def test_overlap_hides_fsdp_communication(cluster):
     hidden = priced(dataclasses.replace(cluster, overlap=OverlapSpec(fsdp_all_gather=1.0, gradient_reduction=1.0)))
     assert hidden.step_communication_s < exposed.step_communication_s
     assert hidden.step_communication_s >= full - 2 * exposed.micro.compute_s - 1e-12
+
+
+def test_sequence_parallel_shards_the_rest_of_the_layer(cluster):
+    # 600 of the 1000 saved bytes are inside tensor-parallel units: tp4 keeps 400 + 150; with sequence
+    # parallelism the norms and residual shard too: 100 + 150 (Korthikanti et al. 2022, section 4.2.2)
+    layer = facts(ops=[], tp_saved_bytes=600, tp_allreduce_bytes=4000, tp_units=["unit"], input_bytes=200)
+    plain = price_layer_option(layer, LayerOption("tensor"), 4, 1.0, cluster)
+    sequence = price_layer_option(layer, LayerOption("tensor", sequence_parallel=True), 4, 1.0, cluster)
+    assert (plain.activation_bytes, sequence.activation_bytes) == (550, 250)
+    # the all-reduces become reduce-scatter + all-gather (same bytes), plus gathering the layer's output
+    assert sequence.tp_communication_s > plain.tp_communication_s
+    assert sequence.compute_s < plain.compute_s
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_peak_memory_holds_gradients_or_activations(num_microbatches):
+    # one micro-batch: gradients (None at the start of backward) replace activations as backward runs, so the
+    # peak holds the larger of the two; with accumulation the gradients persist beside the activations
+    from pathlib import Path
+
+    from costmodel import load_cluster
+    from planner.evaluate_config import ConfigPricer
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+
+    spec = load_model_spec(f"{Path(__file__).parents[1]}/examples/gpt.py:build_gpt", device="meta")
+    graph = build_model_graph(spec)
+    pricer = ConfigPricer(spec.model, graph, load_cluster("cpu").for_world_size(2))
+    config = ParallelConfig(pp=1, dp=2, tp=1, num_microbatches=num_microbatches, schedule="none", virtual_stages=1,
+                            dp_kind="zero3", replicate=1, param_dtype="float32", global_batch_size=8)
+    choice = [next(p for p in pricer.priced_options(i, config) if p.option == LayerOption("replicate"))
+              for i in range(len(graph.layers))]
+    result = pricer.predict(config, [0], choice)
+    parts = result.memory_bytes
+    all_gradients = sum(c.gradients_bytes for c in choice)
+    transient = parts["activations"] + parts["buffers"]
+    assert result.peak_memory_bytes == sum(parts.values())
+    if num_microbatches == 1:
+        assert result.peak_memory_bytes == (parts["parameters"] + parts["optimizer_states"]
+                                            + max(all_gradients, transient))
+    else:
+        assert parts["gradients"] == all_gradients
+
+
+def test_tensor_parallel_ops_pay_the_dtensor_overhead(cluster):
+    ops = [OpFacts("forward", 2e8, 0.0, True, True), OpFacts("forward", 0.0, 4e6, False, False)]
+    layer = facts(ops=ops)
+    plain = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, cluster)
+    slow = dataclasses.replace(cluster, dtensor_op_overhead_s=1e-3)
+    dtensor = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, slow)
+    # only the tensor-parallel op swaps its plain overhead for the DTensor one
+    assert dtensor.compute_s - plain.compute_s == pytest.approx(1e-3 - cluster.kernel_overhead_s)
+    replicated = price_layer_option(layer, LayerOption("replicate"), 2, 1.0, slow)
+    assert replicated.compute_s == pytest.approx(price_layer_option(layer, LayerOption("replicate"), 2, 1.0,
+                                                                    cluster).compute_s)

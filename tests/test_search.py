@@ -82,3 +82,15 @@ def test_infeasible_error_gives_memory_and_what_would_help():
     tiny = type(cluster).from_dict({**cluster.to_dict(), "device_memory_gib": 0.0001})
     with pytest.raises(InfeasiblePlanError, match=r"needs [\d.,]+ MiB per device.*more devices"):
         plan(GPT, tiny, 4)
+
+
+def test_sequence_parallel_is_offered_only_without_a_pipeline():
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+
+    spec = load_model_spec(GPT, device="meta")
+    pricer = ConfigPricer(spec.model, build_model_graph(spec), load_cluster("cpu"))
+    block = next(i for i, layer in enumerate(pricer.layers) if layer.path == "blocks.0")
+    flat = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=False)}
+    piped = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=True)}
+    assert "tensor+sp" in flat and not any("+sp" in label for label in piped)
