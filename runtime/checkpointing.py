@@ -15,10 +15,11 @@ Pipeline plans train an `nn.ModuleList` of stage modules whose parameters keep t
 get_state_dict's keys gain the list index (`0.blocks.2.attn.q.weight`); the index is dropped on save and put
 back on load, so pipeline and non-pipeline plans read each other's checkpoints.
 
-Not supported (refused with PlanError before training): zero1, whose ZeroRedundancyOptimizer keeps its state
-per rank with a rank-local layout that DCP's state_dict helpers cannot reshard; ddp with tensor parallelism,
-whose DDP holds tensor-parallel parameters as plain local shards (no DTensor), which DCP would save as
-conflicting copies of one key.
+Not supported (refused with PlanError before training): zero1, whose ZeroRedundancyOptimizer has no state
+dict until `consolidate_state_dict(to=rank)` gathers the whole state onto one rank (get_state_dict raises
+"Optimizer state has not been consolidated on this rank"), so DCP's sharded save does not apply; ddp with
+tensor parallelism, whose DDP holds tensor-parallel parameters as plain local shards (no DTensor), which DCP
+would save as conflicting copies of one key.
 """
 
 from __future__ import annotations
