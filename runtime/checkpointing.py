@@ -18,8 +18,8 @@ back on load, so pipeline and non-pipeline plans read each other's checkpoints.
 Not supported (refused with PlanError before training): zero1, whose ZeroRedundancyOptimizer has no state
 dict until `consolidate_state_dict(to=rank)` gathers the whole state onto one rank (get_state_dict raises
 "Optimizer state has not been consolidated on this rank"), so DCP's sharded save does not apply; ddp with
-tensor parallelism, whose DDP holds tensor-parallel parameters as plain local shards (no DTensor), which DCP
-would save as conflicting copies of one key.
+tensor parallelism, whose DDP holds tensor-parallel parameters as plain local shards (no DTensor) outside the
+forward: get_state_dict fails on that model (KeyError, torch 2.13), and plain shards would not reshard anyway.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def check_checkpointing_supported(plan: Plan) -> None:
                         "(same memory for optimizer states, DCP-compatible) or run without --checkpoint-dir")
     if kind == "ddp" and plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers):
         raise PlanError("checkpointing a ddp plan with tensor parallelism: DDP holds tensor-parallel parameters as "
-                        "plain local shards that torch.distributed.checkpoint would save as conflicting copies; use "
+                        "plain local shards, which torch.distributed.checkpoint's get_state_dict cannot save; use "
                         "data_parallel.kind zero2 or zero3, or tp = 1")
 
 
