@@ -91,7 +91,7 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
                        global_batch_size=global_batch_size),
         cluster=cluster.to_dict(), world_size=world_size,
         mesh=MeshShape(pp=config.pp, dp=config.dp, tp=config.tp),
-        data_parallel=DataParallelPlan(kind=config.dp_kind, replicate=config.replicate),
+        data_parallel=DataParallelPlan(kind=config.dp_kind, replicate=config.replicate, offload=config.offload),
         precision=PrecisionPlan(param_dtype=config.param_dtype),
         pipeline=PipelinePlan(schedule=config.schedule, num_microbatches=config.num_microbatches,
                               virtual_stages=config.virtual_stages),

@@ -27,6 +27,8 @@ class ParallelConfig:
     replicate: int
     param_dtype: str
     global_batch_size: int
+    offload: bool = False
+    """zero3 only: model states on the host (CPUOffloadPolicy)."""
 
     @property
     def micro_batch_size(self) -> int:
@@ -36,16 +38,16 @@ class ParallelConfig:
     def num_stages(self) -> int:
         return self.pp * self.virtual_stages
 
-    def data_parallel_setup(self, offload: bool = False) -> DataParallelSetup:
+    def data_parallel_setup(self) -> DataParallelSetup:
         return DataParallelSetup(kind=self.dp_kind, dp=self.dp, tp=self.tp, replicate=self.replicate,
-                                 offload=offload, num_microbatches=self.num_microbatches,
+                                 offload=self.offload, num_microbatches=self.num_microbatches,
                                  pipelined=self.pp > 1, param_dtype=self.param_dtype)
 
     @property
     def summary(self) -> str:
         schedule = "" if self.pp == 1 else f" {self.schedule}" + (
             f"(v={self.virtual_stages})" if self.virtual_stages > 1 else "")
-        hsdp = f" hsdp{self.replicate}" if self.replicate > 1 else ""
+        hsdp = (f" hsdp{self.replicate}" if self.replicate > 1 else "") + (" offload" if self.offload else "")
         return (f"pp{self.pp} dp{self.dp} tp{self.tp} {self.dp_kind}{hsdp}{schedule}, "
                 f"{self.num_microbatches} micro-batches of {self.micro_batch_size}")
 
@@ -56,12 +58,14 @@ def _divisors(n: int) -> list[int]:
 
 def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, global_batch_size: int,
                       param_dtype: str = "float32", mesh: tuple[int, int, int] | None = None,
-                      max_microbatches: int = 64) -> list[ParallelConfig]:
+                      max_microbatches: int = 64, host_offload: bool = False) -> list[ParallelConfig]:
     """Every configuration worth pricing, in a fixed order.
 
     tp divides the world and fits in a node; pp cuts the chain into at most one layer per stage; dp divides
     the global batch; micro-batch counts divide the per-rank batch (at least pp of them for a pipeline, at most
-    `max_microbatches`); HSDP replicates across nodes when a data-parallel group spans several.
+    `max_microbatches`); HSDP replicates across nodes when a data-parallel group spans several; with
+    `host_offload` (the profile has a host link), zero3 without a pipeline may also keep model states on the
+    host.
     """
     configs = []
     meshes = [mesh] if mesh else [(pp, world_size // (pp * tp), tp)
@@ -87,6 +91,7 @@ def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, g
                             continue
                         if pp > 1 and dp > 1 and kind in ("ddp", "zero1"):
                             continue  # pipeline stages are data-parallel through FSDP2 only (runtime/pipeline.py)
-                        configs.append(ParallelConfig(pp, dp, tp, m, schedule, v, kind, replicate, param_dtype,
-                                                      global_batch_size))
+                        offloads = [False, True] if host_offload and kind == "zero3" and pp == 1 else [False]
+                        configs.extend(ParallelConfig(pp, dp, tp, m, schedule, v, kind, replicate, param_dtype,
+                                                      global_batch_size, offload) for offload in offloads)
     return configs

@@ -81,7 +81,7 @@ def least_memory_bytes(pricer: ConfigPricer, config: ParallelConfig) -> int:
 
 
 def _shape(config: ParallelConfig) -> tuple:
-    return (config.pp, config.dp, config.tp, config.dp_kind, config.replicate)
+    return (config.pp, config.dp, config.tp, config.dp_kind, config.replicate, config.offload)
 
 
 def _why_not(alt: ConfigResult, best: ConfigResult) -> str:
@@ -108,7 +108,7 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
         if pp > len(graph.layers):
             raise PlanError(f"pp={pp} needs at least {pp} layers in the chain, the model has {len(graph.layers)}")
     configs = enumerate_configs(world_size, cluster.devices_per_node, len(graph.layers), global_batch_size,
-                                param_dtype, mesh)
+                                param_dtype, mesh, host_offload=cluster.host_link is not None)
     if not configs:
         raise PlanError(f"no pp x dp x tp mesh for world size {world_size}: dp must divide the global batch "
                         f"{global_batch_size}, tp must fit in a node of {cluster.devices_per_node}, and pp must "

@@ -94,3 +94,12 @@ def test_sequence_parallel_is_offered_only_without_a_pipeline():
     flat = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=False)}
     piped = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=True)}
     assert "tensor+sp" in flat and not any("+sp" in label for label in piped)
+
+
+def test_model_state_offload_is_a_zero3_option_without_a_pipeline():
+    configs = enumerate_configs(4, 8, 8, 8, host_offload=True)
+    offloaded = [c for c in configs if c.offload]
+    assert offloaded and all(c.dp_kind == "zero3" and c.pp == 1 for c in offloaded)
+    assert not any(c.offload for c in enumerate_configs(4, 8, 8, 8))
+    setup = offloaded[0].data_parallel_setup()
+    assert setup.offload and rank_state_bytes(1_000_000, setup).total_bytes == 0
