@@ -78,7 +78,8 @@ def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor
     return torch.stack(losses).mean()
 
 
-def run_plan(plan_path: str, steps: int) -> dict:
+def load_plan_and_reference(plan_path: str):
+    """(plan, device, mesh, spec to shard, single-process reference spec), both specs from the plan's seed."""
     plan = Plan.load(plan_path)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
@@ -86,6 +87,11 @@ def run_plan(plan_path: str, steps: int) -> dict:
     spec = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
     torch.manual_seed(plan.seed)
     reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
+    return plan, device, mesh, spec, reference
+
+
+def run_plan(plan_path: str, steps: int) -> dict:
+    plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
     model = build_parallel_model(plan, spec, mesh)
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from parity_worker import full, rel_diff
+from parity_worker import full, load_plan_and_reference, rel_diff
 from torch.distributed.tensor import DTensor
 
-from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from runtime.pipeline import build_pipeline, pipeline_train_step
-from runtime.train import build_mesh, device_for, local_batch
+from runtime.train import local_batch
 
 
 def layer_of(plan: Plan, name: str) -> str:
@@ -55,13 +54,7 @@ def is_tp_sharded(p: torch.Tensor) -> bool:
 
 def compare_plan(plan_path: str, steps: int) -> dict:
     """Train `plan_path` and its reference for `steps` AdamW steps; worst differences over all ranks."""
-    plan = Plan.load(plan_path)
-    device = device_for(plan)
-    mesh = build_mesh(plan, device)
-    torch.manual_seed(plan.seed)
-    spec = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
-    torch.manual_seed(plan.seed)
-    reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
+    plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
     originals = {name: weakref.ref(p) for name, p in spec.model.named_parameters()}
     parts = build_pipeline(plan, spec, mesh, device)
     gc.collect()
