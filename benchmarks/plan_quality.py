@@ -4,7 +4,8 @@
 
 For each model and cluster size, under the same cost model:
 - planner: meshplan's search (per-layer choices, pipeline cut by the partitioner, ILP per rank);
-- grid: every configuration the planner may use (pp, dp, tp, micro-batches, schedule, ZeRO kind / HSDP) x one
+- grid: every configuration the planner may use (pp, dp, tp, micro-batches, schedule, ZeRO kind / HSDP /
+  model-state offload) x one
   strategy for every layer (replicate or tensor) x one checkpointing for every layer (none / selective / full),
   layers split evenly over pipeline stages; the fastest that fits.
 Prints both predicted step times and their ratio (planner / grid; aim: <= 1 everywhere, < 1 where per-layer
@@ -69,7 +70,7 @@ def main() -> None:
             cluster = load_cluster(CLUSTER).for_world_size(world)
             start = time.perf_counter()
             configs = enumerate_configs(world, cluster.devices_per_node, len(graph.layers), spec.global_batch_size,
-                                        DTYPE)
+                                        DTYPE, host_offload=cluster.host_link is not None)
             grid_s, grid_label = best_uniform_s(ConfigPricer(spec.model, graph, cluster), configs)
             try:
                 found = search_plans(spec.model, graph, cluster, world, spec.global_batch_size, DTYPE)

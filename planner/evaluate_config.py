@@ -38,7 +38,9 @@ from costmodel import (
     Cluster,
     dtype_bytes,
     exposed_time_s,
+    host_transfer_time_s,
     in_flight_microbatches,
+    optimizer_bytes_per_param,
     optimizer_step_time_s,
     pipeline_bubble_fraction,
     point_to_point_time_s,
@@ -166,10 +168,16 @@ class ConfigPricer:
                                + exposed_time_s(reduce_s, window_s * 2 / 3, overlap.gradient_reduction))
             owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
                                                                            setup.shard_degree)
-            optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
-                                                param_dtype=config.param_dtype,
-                                                master_weights=config.param_dtype != "float32",
-                                                num_tensors=self.num_tensors[index])
+            mixed = config.param_dtype != "float32"
+            if config.offload:
+                # offloaded states are updated by the host CPU; the profile has no host-memory figure, so its
+                # traffic is priced at the host link's bandwidth (a GPU's share of host DRAM is of that order)
+                touched = owned * optimizer_bytes_per_param("adamw", config.param_dtype, mixed)
+                optimizer_s = host_transfer_time_s(touched, self.cluster) if owned else 0.0
+            else:
+                optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
+                                                    param_dtype=config.param_dtype, master_weights=mixed,
+                                                    num_tensors=self.num_tensors[index])
             offload_s = offload_time_s(micro.local_num_params, setup, self.cluster)
             unit = micro.time_s + (communication_s + optimizer_s + offload_s) / factor
             priced.append(PricedOption(option, micro, states.total_bytes, states.parameters_bytes,
