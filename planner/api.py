@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from costmodel import Cluster, load_cluster
+from planner.evaluate_config import stages_of_layers
 from planner.model_graph import ModelGraph, build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import (
@@ -60,18 +61,17 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
     """Write the search's best configuration as a Plan."""
     best = found.best
     config = best.config
-    starts = best.stage_starts
+    stage_of = stages_of_layers(best.stage_starts, len(graph.layers))
     layers = []
     for i, layer in enumerate(graph.layers):
         priced = best.choice[i]
         option = priced.option
-        stage = max(s for s, start in enumerate(starts) if start <= i)
         units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
             if option.strategy == "tensor" else []
         memory = priced.state_bytes + priced.micro.activation_bytes
         layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
-                                sequence_parallel=option.sequence_parallel, stage=stage, checkpoint=option.checkpoint,
-                                offload_activations=option.offload_activations,
+                                sequence_parallel=option.sequence_parallel, stage=stage_of[i],
+                                checkpoint=option.checkpoint, offload_activations=option.offload_activations,
                                 predicted_time_ms=_ms(priced.unit_time_s * config.num_microbatches),
                                 predicted_memory_mib=_mib(memory)))
     b, m = best.breakdown_s, best.memory_bytes
