@@ -82,6 +82,12 @@ class OptionCost:
         return self.compute_s + self.recompute_s + self.tp_communication_s + self.offload_s
 
 
+def per_rank(total: float, in_units: float, shard: int, outside: int = 1) -> float:
+    """One rank's share of a layer quantity: the part inside tensor-parallel units divides by `shard`, the rest
+    by `outside` (tp under sequence parallelism, else 1)."""
+    return (total - in_units) / outside + in_units / shard
+
+
 def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bool:
     """True when every unit's column linears split their outputs, and the row linear its inputs, by tp."""
     if tp < 2 or not layer.tp_units:
@@ -119,7 +125,7 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     outside = shard if option.sequence_parallel else 1
 
     def split(total: float, in_units: float) -> float:
-        return (total - in_units) / outside + in_units / shard
+        return per_rank(total, in_units, shard, outside)
 
     fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
                                                   outside)
@@ -148,7 +154,8 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
         kept = 0
     return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
                       offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
-                      local_num_params=int(split(layer.num_params, layer.tp_num_params)))
+                      # norm parameters stay replicated under sequence parallelism: only units shard weights
+                      local_num_params=int(per_rank(layer.num_params, layer.tp_num_params, shard)))
 
 
 def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_scale: float, cluster: Cluster,
@@ -162,7 +169,7 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
     """
     if not layer.ops:
         def split(total: float, in_units: float) -> float:
-            return (total - in_units) / outside + in_units / shard
+            return per_rank(total, in_units, shard, outside)
 
         fwd_memory_s = op_time_s(0.0, split(layer.fwd_bytes, layer.tp_fwd_bytes) * bytes_scale, cluster,
                                  param_dtype, is_matmul=False)

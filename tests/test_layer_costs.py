@@ -122,3 +122,11 @@ def test_tensor_parallel_ops_pay_the_dtensor_overhead(cluster):
     replicated = price_layer_option(layer, LayerOption("replicate"), 2, 1.0, slow)
     assert replicated.compute_s == pytest.approx(price_layer_option(layer, LayerOption("replicate"), 2, 1.0,
                                                                     cluster).compute_s)
+
+
+def test_sequence_parallel_keeps_norm_parameters_replicated(cluster):
+    # only the units' weights shard over tp; SequenceParallel replicates norm parameters
+    layer = facts(ops=[], tp_num_params=6_000_000, tp_units=["unit"])
+    plain = price_layer_option(layer, LayerOption("tensor"), 4, 1.0, cluster)
+    sequence = price_layer_option(layer, LayerOption("tensor", sequence_parallel=True), 4, 1.0, cluster)
+    assert plain.local_num_params == sequence.local_num_params == 4_000_000 + 1_500_000
