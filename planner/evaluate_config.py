@@ -13,10 +13,10 @@ Overlap: the profile's overlap fractions (`fsdp_all_gather`, `gradient_reduction
 (costmodel.exposed_time_s).
 
 Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
-stage's micro-batches in flight x its layers' kept activations + a reserve: the largest gathered ZeRO-3
-layer and one layer's full activations (what backward or recomputation has live at once). The exact pass
-(`predict`) counts the chosen assignment's buffers (the largest gathered layer and what the recomputed layer
-rematerialises), and the gradients live at the peak: with one micro-batch the runtime's
+stage's micro-batches in flight x its layers' kept activations + its buffers: the largest gathered ZeRO-3
+layer and what its recomputed layer rematerialises. `predict` and the ILP (via `ilp_option`) use the same
+model; the screening drops buffers and, with one micro-batch, gradients, so it stays a relaxation. Gradients
+live at the peak: with one micro-batch the runtime's
 zero_grad(set_to_none=True) leaves no gradient when backward starts with every activation live, and backward
 frees activations as it makes gradients, so the peak holds max(activations + buffers, gradients) beside the
 parameters and optimizer states (the breakdown's `gradients` is the part above activations + buffers); with
@@ -186,10 +186,18 @@ class ConfigPricer:
         return priced
 
     # ---- screening ------------------------------------------------------------------------------------
-    def reserve_bytes(self, config: ParallelConfig, tables: list[list[PricedOption]]) -> int:
-        largest = max((min(p.micro.local_num_params for p in t) for t in tables), default=0)
-        live = max((min(p.micro.activation_bytes + p.micro.working_bytes for p in t) for t in tables), default=0)
-        return gathered_buffer_bytes(largest, config.data_parallel_setup()) + live
+    def ilp_option(self, config: ParallelConfig, priced: PricedOption, in_flight: float) -> Option:
+        """The ILP's view of one option on a stage holding `in_flight` micro-batches: the same memory model as
+        predict(), so whatever the ILP accepts predict() does too, and the other way round."""
+        activations = in_flight * priced.micro.activation_bytes
+        buffers = {"working_bytes": priced.micro.working_bytes,
+                   "gathered_bytes": gathered_buffer_bytes(priced.micro.local_num_params,
+                                                           config.data_parallel_setup())}
+        held = priced.parameters_bytes + priced.optimizer_states_bytes
+        if config.num_microbatches == 1:  # gradients replace activations as backward runs
+            return Option(priced.unit_time_s, held, activation_bytes=activations,
+                          gradient_bytes=priced.gradients_bytes, **buffers)
+        return Option(priced.unit_time_s, held + priced.gradients_bytes + activations, **buffers)
 
     def p2p_s(self, config: ParallelConfig, first_layer: int) -> float:
         """Forward activation in and its gradient back, per micro-batch, for a stage starting at first_layer."""
@@ -204,16 +212,14 @@ class ConfigPricer:
     def screen(self, config: ParallelConfig) -> ConfigResult:
         """Optimistic step time (LP relaxation) and the pipeline cut that achieves it."""
         tables = [self.priced_options(i, config) for i in range(len(self.layers))]
-        budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
-        stage_budget = budget / config.virtual_stages
+        stage_budget = self.cluster.usable_memory_bytes / config.virtual_stages
         hull_cache: dict[tuple[str, float], GroupHull] = {}
         kinds = self.kinds
 
         def hull(index: int, in_flight: float) -> GroupHull:
             key = (kinds[index], in_flight)
             if key not in hull_cache:
-                hull_cache[key] = group_hull([Option(p.unit_time_s, p.state_bytes + in_flight *
-                                                     p.micro.activation_bytes) for p in tables[index]])
+                hull_cache[key] = group_hull([self.ilp_option(config, p, in_flight) for p in tables[index]])
             return hull_cache[key]
 
         in_flight = self.in_flight(config)
@@ -258,7 +264,7 @@ class ConfigPricer:
         """Exact per-rank ILP on one pipeline cut."""
         n = len(self.layers)
         tables = [self.priced_options(i, config) for i in range(n)]
-        budget = self.cluster.usable_memory_bytes - self.reserve_bytes(config, tables)
+        budget = self.cluster.usable_memory_bytes
         stage_of = stages_of_layers(starts, n)
         in_flight = self.in_flight(config)
         choice: list[PricedOption | None] = [None] * n
@@ -267,8 +273,8 @@ class ConfigPricer:
             for i in range(n):
                 if stage_of[i] % config.pp == rank:
                     groups.setdefault(f"{self.layers[i].kind}@{in_flight[stage_of[i]]}", []).append(i)
-            options = {g: {p.option.label: Option(p.unit_time_s, p.state_bytes + in_flight[stage_of[idx[0]]] *
-                                                  p.micro.activation_bytes) for p in tables[idx[0]]}
+            options = {g: {p.option.label: self.ilp_option(config, p, in_flight[stage_of[idx[0]]])
+                           for p in tables[idx[0]]}
                        for g, idx in groups.items()}
             counts = choose_option_counts(options, {g: len(idx) for g, idx in groups.items()}, budget)
             if counts is None:
@@ -276,7 +282,7 @@ class ConfigPricer:
             for g, idx in groups.items():
                 by_label = {p.option.label: p for p in tables[idx[0]]}
                 # leanest options go to the earliest layers of the group: any order is equally good
-                labels = sorted(counts[g], key=lambda lab: options[g][lab].memory_bytes)
+                labels = sorted(counts[g], key=lambda lab: options[g][lab].relaxed_memory_bytes)
                 queue = [lab for lab in labels for _ in range(counts[g][lab])]
                 for i, label in zip(idx, queue, strict=True):
                     choice[i] = by_label[label]
@@ -293,12 +299,6 @@ class ConfigPricer:
         The result is infeasible (infinite time) when some rank exceeds the device's usable memory.
         """
         n = len(self.layers)
-        # buffers of the chosen assignment: the largest gathered ZeRO-3 layer, and what the layer being
-        # recomputed rematerialises (its working bytes; 0 for layers that keep everything they saved, whose
-        # activations are already counted, so the screening's conservative reserve would count them twice)
-        reserve = gathered_buffer_bytes(max((c.micro.local_num_params for c in choice), default=0),
-                                        config.data_parallel_setup()) + max((c.micro.working_bytes for c in choice),
-                                                                            default=0)
         stage_of = stages_of_layers(starts, n)
         in_flight = self.in_flight(config)
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
@@ -307,6 +307,11 @@ class ConfigPricer:
         peak, memory = 0, {}
         for rank in range(config.pp):
             members = [choice[i] for i in range(n) if stage_of[i] % config.pp == rank]
+            # this rank's buffers: its largest gathered ZeRO-3 layer, and what its recomputed layer
+            # rematerialises (0 for layers that keep everything they saved: those activations are counted)
+            reserve = gathered_buffer_bytes(max((c.micro.local_num_params for c in members), default=0),
+                                            config.data_parallel_setup()) + max(
+                (c.micro.working_bytes for c in members), default=0)
             p2p_s = sum(self.p2p_s(config, s) for stage, s in enumerate(starts) if stage % config.pp == rank)
             micro_s = sum(c.micro.time_s for c in members) + p2p_s
             total = factor * micro_s + sum(c.step_communication_s + c.optimizer_s + c.state_offload_s

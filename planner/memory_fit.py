@@ -38,9 +38,9 @@ class GroupHull:
 
 def group_hull(options: list[Option]) -> GroupHull:
     """Lower convex hull (monotone chain) of (memory saved, time added) from the fastest option."""
-    fastest = min(options, key=lambda o: (o.time_s, o.memory_bytes))
-    points = sorted({(fastest.memory_bytes - o.memory_bytes, o.time_s - fastest.time_s)
-                     for o in options if o.memory_bytes <= fastest.memory_bytes})
+    fastest = min(options, key=lambda o: (o.time_s, o.relaxed_memory_bytes))
+    points = sorted({(fastest.relaxed_memory_bytes - o.relaxed_memory_bytes, o.time_s - fastest.time_s)
+                     for o in options if o.relaxed_memory_bytes <= fastest.relaxed_memory_bytes})
     hull: list[tuple[float, float]] = []
     for point in points:
         if hull and point[0] == hull[-1][0]:
@@ -52,12 +52,12 @@ def group_hull(options: list[Option]) -> GroupHull:
             hull.pop()
         hull.append(point)
     steps = tuple(HullStep(bx - ax, by - ay) for (ax, ay), (bx, by) in zip(hull, hull[1:], strict=False))
-    return GroupHull(fastest, fastest.memory_bytes - hull[-1][0], steps)
+    return GroupHull(fastest, fastest.relaxed_memory_bytes - hull[-1][0], steps)
 
 
 def fractional_fit_time_s(hulls: list[tuple[GroupHull, float]], memory_budget_bytes: float) -> float:
     """Least total time of the LP relaxation for (hull, layer count) pairs; inf when even all-leanest overflows."""
-    memory = sum(h.fastest.memory_bytes * count for h, count in hulls)
+    memory = sum(h.fastest.relaxed_memory_bytes * count for h, count in hulls)
     time = sum(h.fastest.time_s * count for h, count in hulls)
     if memory <= memory_budget_bytes:
         return time

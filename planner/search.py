@@ -64,20 +64,20 @@ def states_fit(graph: ModelGraph, cluster: Cluster, config: ParallelConfig) -> b
 
 
 def least_memory_bytes(pricer: ConfigPricer, config: ParallelConfig) -> int:
-    """Memory of the leanest options with layers spread evenly over stages: what this shape needs at least."""
+    """Memory of the leanest options with layers spread evenly over stages, without buffers: a lower bound of
+    what this shape needs (every option's relaxed memory, as the screening counts it)."""
     n = len(pricer.layers)
     tables = [pricer.priced_options(i, config) for i in range(n)]
     per_stage = -(-n // config.num_stages)
     in_flight = pricer.in_flight(config)
-    worst = 0
+    worst = 0.0
     for rank in range(config.pp):
         total = 0.0
         for stage in range(rank, config.num_stages, config.pp):
-            f = in_flight[stage]
             for i in range(stage * per_stage, min(n, (stage + 1) * per_stage)):
-                total += min(p.state_bytes + f * p.micro.activation_bytes for p in tables[i])
-        worst = max(worst, int(total))
-    return worst + pricer.reserve_bytes(config, tables)
+                total += min(pricer.ilp_option(config, p, in_flight[stage]).relaxed_memory_bytes for p in tables[i])
+        worst = max(worst, total)
+    return int(worst)
 
 
 def _shape(config: ParallelConfig) -> tuple:

@@ -113,3 +113,42 @@ def test_partition_matches_brute_force(seed):
         starts, bottleneck = found
         assert len(starts) == stages and starts[0] == 0 and starts == sorted(set(starts))
         assert bottleneck == pytest.approx(expected, rel=1e-5)
+
+
+def peak_bytes(options, slots, combo):
+    """What the ILP's legend says a full assignment needs: held bytes + max(activations + largest buffers,
+    gradients)."""
+    chosen = [options[g][o] for (g, _), o in zip(slots, combo, strict=True)]
+    varying = max(sum(c.activation_bytes for c in chosen) + max(c.working_bytes for c in chosen)
+                  + max(c.gathered_bytes for c in chosen), sum(c.gradient_bytes for c in chosen))
+    return sum(c.memory_bytes for c in chosen) + varying
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_ilp_with_buffers_and_gradients_matches_brute_force(seed):
+    rng = random.Random(1000 + seed)
+    options = {f"g{i}": {f"o{j}": Option(rng.uniform(0.1, 2.0), rng.randint(1, 40) * MIB,
+                                         activation_bytes=rng.randint(0, 40) * MIB,
+                                         gradient_bytes=rng.randint(0, 60) * MIB,
+                                         working_bytes=rng.choice([0, rng.randint(1, 50)]) * MIB,
+                                         gathered_bytes=rng.choice([0, rng.randint(1, 50)]) * MIB)
+                         for j in range(rng.randint(1, 3))}
+               for i in range(rng.randint(1, 3))}
+    counts = {g: rng.randint(1, 3) for g in options}
+    budget = rng.randint(50, 500) * MIB
+    slots = [(g, list(options[g])) for g in options for _ in range(counts[g])]
+    best = None
+    for combo in itertools.product(*(opts for _, opts in slots)):
+        if peak_bytes(options, slots, combo) <= budget:
+            time = sum(options[g][o].time_s for (g, _), o in zip(slots, combo, strict=True))
+            best = time if best is None else min(best, time)
+    got = choose_option_counts(options, counts, budget)
+    hulls = [(group_hull(list(opts.values())), counts[g]) for g, opts in options.items()]
+    if best is None:
+        assert got is None
+        return
+    combo = [o for g, c in got.items() for o, k in c.items() for _ in range(k)]
+    ordered_slots = [(g, list(options[g])) for g, c in got.items() for _ in range(sum(c.values()))]
+    assert peak_bytes(options, ordered_slots, combo) <= budget
+    assert sum(options[g][o].time_s for (g, _), o in zip(ordered_slots, combo, strict=True)) == pytest.approx(best)
+    assert fractional_fit_time_s(hulls, budget) <= best * (1 + 1e-9)  # the screening stays a lower bound
