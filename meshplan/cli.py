@@ -3,14 +3,17 @@
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
     meshplan show plan.yaml
     meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
+                     [--max-restarts N] [--timeout-s S] [--cluster NAME_OR_YAML]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
-User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2.
+User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2; a
+training job that fails after it started (a rank died or hung) prints which ranks failed and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,6 +34,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -100,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "the end)")
     e.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir "
                                                          "(saved under any mesh); --steps is the total step count")
+    e.add_argument("--max-restarts", type=_non_negative_int, default=0,
+                   help="restart all ranks up to N times after one fails (torchrun --max-restarts); with "
+                        "--checkpoint-dir they resume from the latest checkpoint (default 0)")
+    e.add_argument("--timeout-s", type=_positive_seconds, default=None,
+                   help="a rank that makes no progress for this long (a hang, a collective mismatch) ends the job "
+                        "with a message naming the rank and step (default 600)")
+    e.add_argument("--cluster", help="refuse the plan unless it was made for this cluster (preset or YAML)")
     c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
                                          "YAML for --cluster (starts torchrun when needed)")
     from costmodel.calibrate import add_arguments
@@ -121,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(Plan.load(args.plan), why=args.why))
         return 0
     if args.command == "execute":
-        from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun
+        from runtime.execute import DEFAULT_TIMEOUT_S, execute, inside_torchrun, run_plan_in_torchrun
 
+        timeout_s = DEFAULT_TIMEOUT_S if args.timeout_s is None else args.timeout_s
         checkpoint_kwargs = dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                                  resume=args.resume)
         if inside_torchrun():
@@ -132,9 +163,10 @@ def run(args: argparse.Namespace) -> int:
             checkpoint = None if args.checkpoint_dir is None else \
                 CheckpointOptions(args.checkpoint_dir, args.checkpoint_every, args.resume)
             run_plan_in_torchrun(Plan.load(args.plan), args.steps, plan_dir, args.report_json, args.quiet,
-                                 checkpoint)
+                                 checkpoint, timeout_s)
         else:
-            execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet, **checkpoint_kwargs)
+            execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet,
+                    max_restarts=args.max_restarts, timeout_s=timeout_s, cluster=args.cluster, **checkpoint_kwargs)
         return 0
     if args.command == "calibrate":
         from costmodel.calibrate import calibrate
@@ -151,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from runtime.execute import RunFailedError
+
+        if not isinstance(err, RunFailedError):
+            raise
+        print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

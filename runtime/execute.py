@@ -1,72 +1,108 @@
 """`execute(plan)`: run a plan on every rank, launching torchrun when not already inside one.
 
-Inside torchrun (RANK/WORLD_SIZE set) each rank trains and rank 0 prints the report. Outside it, a plan for
-one rank runs in this process through the same code path (a process group of one); a plan for N ranks is
-saved and handed to `torchrun --standalone --nproc-per-node=N -m meshplan.cli execute`, and the report comes
-back through a JSON file.
+Inside torchrun (RANK/WORLD_SIZE set) each rank trains and rank 0 prints the report. Outside it, the plan is
+checked against the model, the machine and the cluster (runtime/preflight.py), saved, and handed to torchrun's
+own launcher (`elastic_launch`, what the `torchrun` command runs) for `meshplan.cli execute` on
+`world_size` ranks; the report comes back through a JSON file. The launcher runs in this process so that a
+failed job ends in one RunFailedError naming each failed rank and its exit status, not torchrun's traceback.
+
+Failures: `max_restarts` lets torchrun restart the whole rank group after a rank dies; a restarted group
+(TORCHELASTIC_RESTART_COUNT > 0) resumes from the latest complete checkpoint when a checkpoint directory is
+set, so at most `checkpoint_every` steps are redone. `timeout_s` bounds how long a rank may make no progress
+(runtime/watchdog.py); the process group's own timeout is twice that, as a backstop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import elastic_launch
+from torch.distributed.run import config_from_args, get_args_parser
 
-from planner.model_graph import build_model_graph
-from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, resume_step
+from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, latest_checkpoint, resume_step
+from runtime.preflight import check_before_launch, check_in_rank, check_plan_matches_model
 from runtime.report import RunReport
 from runtime.train import check_runtime_supports, run_rank
+from runtime.watchdog import HANG_EXIT_STATUS, Watchdog
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Longest a rank may stay in one phase of a step (or in setup) before the watchdog ends the job."""
+CHECKED_FINGERPRINT_ENV = "MESHPLAN_CHECKED_FINGERPRINT"
+"""Set by `execute` for its ranks: the plan fingerprint it already compared with the model (ranks skip the trace)."""
+
+
+class RunFailedError(RuntimeError):
+    """The training job failed after it started (a rank died, hung or raised); the message names each rank."""
 
 
 def inside_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def check_plan_matches_model(plan: Plan, plan_dir: Path | None) -> None:
-    """Refuse a plan whose model graph changed since planning (traced on the meta device, no weights)."""
-    spec = load_model_spec(plan.model.source, base_dir=plan_dir, device="meta")
-    fingerprint = build_model_graph(spec).fingerprint
-    if fingerprint != plan.model.fingerprint:
-        raise PlanError(f"the plan was made for a different model: fingerprint {plan.model.fingerprint} in the "
-                        f"plan, {fingerprint} for {plan.model.source} now. Re-run `meshplan plan`.")
+def check_run_options(steps: int, max_restarts: int, timeout_s: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise PlanError(f"max_restarts must be an integer >= 0, got {max_restarts!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or timeout_s <= 0:
+        raise PlanError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def checkpoint_for_this_attempt(checkpoint: CheckpointOptions | None) -> CheckpointOptions | None:
+    """After torchrun restarted the rank group (TORCHELASTIC_RESTART_COUNT > 0), resume from the latest complete
+    checkpoint if there is one (none yet: start again from step 0)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if checkpoint is None or checkpoint.resume or restarts == 0 or latest_checkpoint(checkpoint.directory) is None:
+        return checkpoint
+    print(f"meshplan: rank {os.environ.get('RANK')}: restart {restarts}: resuming from "
+          f"{latest_checkpoint(checkpoint.directory)}", file=sys.stderr, flush=True)
+    return dataclasses.replace(checkpoint, resume=True)
 
 
 def run_in_this_process_group(plan: Plan, steps: int, plan_dir: Path | None,
-                              checkpoint: CheckpointOptions | None = None) -> RunReport:
+                              checkpoint: CheckpointOptions | None = None, watch: Watchdog | None = None) -> RunReport:
     """Train on this rank and gather every rank's result into one report (returned on every rank)."""
-    result = run_rank(plan, steps, plan_dir, checkpoint)
+    result = run_rank(plan, steps, plan_dir, checkpoint, watch)
+    if watch is not None:
+        watch.enter(steps, "report")
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     return RunReport.from_ranks(plan, steps, gathered)
 
 
 def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_path=None,
-                         quiet: bool = False, checkpoint: CheckpointOptions | None = None) -> RunReport:
-    """This rank's part of a torchrun job: init the process group, train, gather; rank 0 prints and saves."""
+                         quiet: bool = False, checkpoint: CheckpointOptions | None = None,
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> RunReport:
+    """This rank's part of a torchrun job: check the launch, init the process group, train under the watchdog,
+    gather; rank 0 prints and saves the report."""
+    check_in_rank(plan)
+    if os.environ.get(CHECKED_FINGERPRINT_ENV) != plan.model.fingerprint:  # started by torchrun, not `execute`
+        check_plan_matches_model(plan, plan_dir)
+    checkpoint = checkpoint_for_this_attempt(checkpoint)
     backend = "nccl" if plan.cluster.get("backend") == "nccl" else "gloo"
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=2 * timeout_s))
     try:
-        report = run_in_this_process_group(plan, steps, plan_dir, checkpoint)
-        gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
-        # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        with Watchdog(timeout_s) as watch:
+            report = run_in_this_process_group(plan, steps, plan_dir, checkpoint, watch)
+            gc.collect()  # free sharded models (FSDP2/DDP keep reference cycles) while their process groups live;
+            # otherwise gloo work objects can die in interpreter teardown (SIGABRT, pytorch/pytorch#179291)
+            dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -78,16 +114,62 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
     return report
 
 
+@contextmanager
+def _environment(**values: str):
+    """Set environment variables for the ranks the launcher starts (they inherit this process's), then restore."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def describe_failure(err: ChildFailedError, max_restarts: int) -> str:
+    """One line per failed rank: its exit status or signal, and what a hang exit means."""
+    lines = [f"the training job failed ({max_restarts} restart(s) allowed, all used):"]
+    for rank, failure in sorted(err.failures.items()):
+        if failure.exitcode < 0:
+            how = f"was killed by signal {failure.signal_name()}"
+        elif failure.exitcode == HANG_EXIT_STATUS:
+            how = f"exited with status {failure.exitcode}: its watchdog detected a hang (message above)"
+        else:
+            how = f"exited with status {failure.exitcode}"
+        lines.append(f"  rank {rank} {how}")
+    lines.append("See the ranks' output above.")
+    return "\n".join(lines)
+
+
+def launch(plan_file: Path, world_size: int, rank_args: list[str], max_restarts: int, env: dict[str, str]) -> None:
+    """Run `python -m meshplan.cli execute PLAN ARGS` on `world_size` local ranks with torchrun's launcher, as
+    `torchrun --standalone --nproc-per-node=N --max-restarts=R` does."""
+    args = get_args_parser().parse_args([
+        "--nnodes=1", f"--nproc-per-node={world_size}", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        f"--rdzv-id={uuid.uuid4()}", f"--max-restarts={max_restarts}", "--module", "meshplan.cli", "execute",
+        str(plan_file), *rank_args])
+    with _environment(**env):
+        config, command, command_args = config_from_args(args)
+        try:
+            elastic_launch(config=config, entrypoint=command)(*command_args)
+        except ChildFailedError as err:
+            raise RunFailedError(describe_failure(err, max_restarts)) from err
+
+
 def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | os.PathLike | None = None,
             quiet: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, resume: bool = False) -> RunReport:
+            checkpoint_every: int | None = None, resume: bool = False, max_restarts: int = 0,
+            timeout_s: float = DEFAULT_TIMEOUT_S, cluster=None) -> RunReport:
     """Run training steps 0 .. `steps` - 1 of `plan` (a Plan or a plan YAML path) and return the RunReport.
 
     With `checkpoint_dir`, model and optimizer state are saved there with torch.distributed.checkpoint every
     `checkpoint_every` steps and after the last; `resume` starts from the latest checkpoint there (any mesh).
+    `max_restarts`: how often torchrun may restart the ranks after one fails (they resume from the latest
+    checkpoint). `timeout_s`: a rank stuck that long in one phase ends the job with a message naming the rank
+    and step. `cluster` (preset name, YAML path or Cluster): refuse a plan made for another cluster.
+    Problems found before launch raise PlanError; a job that fails after launch raises RunFailedError.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PlanError(f"steps must be a positive integer, got {steps!r}")
+    check_run_options(steps, max_restarts, timeout_s)
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = CheckpointOptions(checkpoint_dir, checkpoint_every, resume)
@@ -99,30 +181,26 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
         plan_dir = Path(plan).resolve().parent
         plan = Plan.load(plan)
     if inside_torchrun():
-        return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint)
+        return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint, timeout_s)
 
     check_runtime_supports(plan)
     if checkpoint is not None:
         check_checkpointing_supported(plan)
         if checkpoint.resume:
             resume_step(checkpoint.directory, plan, steps)
-    check_plan_matches_model(plan, plan_dir)
+    check_before_launch(plan, plan_dir, cluster)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"
         if plan_dir is None:
             plan_dir = Path.cwd()
         plan_file = Path(tmp) / "plan.yaml"
         plan.save(plan_file)
-        env = dict(os.environ, MESHPLAN_PLAN_DIR=str(plan_dir))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                   f"--nproc-per-node={plan.world_size}", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "meshplan.cli", "execute", str(plan_file),
-                   "--steps", str(steps), "--report-json", str(report_file)]
+        rank_args = ["--steps", str(steps), "--report-json", str(Path(report_file).resolve()),
+                     "--timeout-s", repr(float(timeout_s))]
         if quiet:
-            command.append("--quiet")
+            rank_args.append("--quiet")
         if checkpoint is not None:
-            command += checkpoint.cli_args()
-        completed = subprocess.run(command, env=env)
-        if completed.returncode != 0:
-            raise RuntimeError(f"torchrun exited with status {completed.returncode}; see the rank output above")
+            rank_args += checkpoint.cli_args()
+        launch(plan_file, plan.world_size, rank_args, max_restarts,
+               {"MESHPLAN_PLAN_DIR": str(plan_dir), CHECKED_FINGERPRINT_ENV: plan.model.fingerprint})
         return RunReport.from_json(report_file.read_text())

@@ -29,6 +29,7 @@ from runtime.memory_techniques import apply_activation_checkpointing, apply_acti
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.sequence_parallel import apply_sequence_parallel
+from runtime.watchdog import SETUP_STEP, Watchdog
 
 
 @dataclass
@@ -143,10 +144,12 @@ def pipelined_train_step(parts: PipelineParts, plan: Plan, optimizer: torch.opti
 
 
 def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
-             checkpoint: CheckpointOptions | None = None) -> RankResult:
+             checkpoint: CheckpointOptions | None = None, watch: Watchdog | None = None) -> RankResult:
     """Run training steps 0 .. `steps` - 1 of `plan` on this rank (process group already initialised); with
     `checkpoint`, save every `checkpoint.every` steps and at the end, and with `checkpoint.resume` start from the
-    latest checkpoint's step instead of 0 (runtime/checkpointing.py)."""
+    latest checkpoint's step instead of 0 (runtime/checkpointing.py). `watch` is told every step and phase
+    (runtime/watchdog.py: hang detection)."""
+    enter = watch.enter if watch is not None else lambda step, phase: None
     check_runtime_supports(plan)
     if checkpoint is not None:
         checkpoint.validate()
@@ -172,14 +175,18 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         return train_step(model, spec, optimizer, plan, inputs, targets, device, next_microbatch)
 
     resumed = checkpoint is not None and checkpoint.resume
+    enter(SETUP_STEP, "resume")
     start_step = load_checkpoint(checkpoint.directory, model, optimizer, plan, steps) if resumed else 0
     dp_rank, dp = mesh["dp"].get_local_rank(), plan.mesh.dp
     probe = PeakMemoryProbe(device)
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
     for step in range(start_step, steps):
+        enter(step, "data")
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
+        enter(step, "barrier")
         dist.barrier()
+        enter(step, "step")
         start = time.perf_counter()
         if step == tracked_step:
             with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
@@ -192,9 +199,11 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         every_time.append(elapsed)
         if step != tracked_step and (step > start_step or steps - start_step == 1):
             times.append(elapsed)
+        enter(step, "loss all-reduce")
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
         if checkpoint is not None and (step + 1 == steps or (checkpoint.every and (step + 1) % checkpoint.every == 0)):
+            enter(step, "checkpoint")
             save_checkpoint(checkpoint.directory, step + 1, model, optimizer, plan)
     return RankResult(rank=dist.get_rank(), losses=losses, step_times_s=times,
                       peak_memory_bytes=probe.result.peak_bytes,
