@@ -694,6 +694,11 @@ def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
             raise ClusterError(
                 f"cluster {text!r}: cannot read the file ({err.strerror}); check the path"
             ) from err
+        except UnicodeDecodeError as err:
+            raise ClusterError(
+                f"cluster {text!r}: not a text (UTF-8) file, so not a cluster YAML ({err.reason} at byte "
+                f"{err.start})"
+            ) from err
         return _parse(content, text)
     presets = list_presets()
     if text not in presets:

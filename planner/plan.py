@@ -7,6 +7,8 @@ checks that the pieces agree (mesh size = world size, tensor-parallel layers nam
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from costmodel import Cluster, ClusterError
 from planner.plan_schema import PlanError, from_plain, to_plain
 
 SCHEMA_VERSION = 2
@@ -193,6 +196,7 @@ class Plan:
                 raise PlanError(f"{source}: field 'mesh.{name}' must be >= 1, got {getattr(mesh, name)}")
         if self.world_size < 1:
             raise PlanError(f"{source}: field 'world_size' must be >= 1, got {self.world_size}")
+        self._validate_sizes(source)
         if mesh.pp * mesh.dp * mesh.tp != self.world_size:
             raise PlanError(f"{source}: mesh pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp} = "
                             f"{mesh.pp * mesh.dp * mesh.tp} ranks, but world_size is {self.world_size}. "
@@ -235,6 +239,30 @@ class Plan:
             raise PlanError(f"{source}: the layers use stages 0..{previous_stage}, but pp={mesh.pp} x "
                             f"virtual_stages={pipe.virtual_stages} needs stages 0..{self.num_stages - 1}; "
                             "give every stage at least one layer")
+
+    def _validate_sizes(self, source: str) -> None:
+        """Sizes that no plan can have (a person's typo or a fuzzed file): empty batches, negative counts,
+        NaN or negative predictions, a cluster profile that does not load or holds fewer devices than the plan."""
+        if self.model.global_batch_size < 1:
+            raise PlanError(f"{source}: field 'model.global_batch_size' must be >= 1, got "
+                            f"{self.model.global_batch_size}")
+        if self.model.num_parameters < 0:
+            raise PlanError(f"{source}: field 'model.num_parameters' must be >= 0, got {self.model.num_parameters}")
+        numbers = [(f"predicted.{f.name}", getattr(self.predicted, f.name)) for f in dataclasses.fields(Prediction)]
+        numbers += [(f"layers[{i}].{name}", getattr(layer, name)) for i, layer in enumerate(self.layers)
+                    for name in ("predicted_time_ms", "predicted_memory_mib")]
+        for name, value in numbers:
+            if not math.isfinite(value) or value < 0:
+                raise PlanError(f"{source}: field '{name}' must be a finite number >= 0, got {value!r}; "
+                                "re-run `meshplan plan` to recompute predictions")
+        try:
+            cluster = Cluster.from_dict(self.cluster, source=f"{source}: cluster")
+        except ClusterError as err:
+            raise PlanError(f"{source}: field 'cluster' is not a valid cluster profile: {err}") from err
+        if cluster.world_size < self.world_size:
+            raise PlanError(f"{source}: world_size {self.world_size} is more than the plan's cluster holds "
+                            f"({cluster.num_nodes} node(s) x {cluster.devices_per_node} devices); "
+                            "re-run `meshplan plan` for this world size")
 
     def _validate_pipeline(self, source: str) -> None:
         mesh, pipe = self.mesh, self.pipeline
@@ -287,9 +315,12 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan file: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise PlanError(f"{path}: not a text (UTF-8) file, so not a plan YAML: {err.reason} at byte "
+                            f"{err.start}") from err
         return cls.from_yaml(text, str(path))
 
 

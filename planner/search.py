@@ -102,7 +102,8 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
         pp, dp, tp = mesh
         if pp * dp * tp != world_size:
             raise PlanError(f"mesh pp={pp} x dp={dp} x tp={tp} has {pp * dp * tp} ranks but world size is "
-                            f"{world_size}")
+                            f"{world_size}; pin a mesh whose sizes multiply to the world size (--mesh), or "
+                            f"--world-size {pp * dp * tp}")
         if global_batch_size % dp:
             raise PlanError(f"global batch {global_batch_size} is not divisible by dp={dp}")
         if pp > len(graph.layers):

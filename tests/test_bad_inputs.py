@@ -1,0 +1,220 @@
+"""The bad-input corpus: every malformed or mismatched input ends in one clear message and exit status 2.
+
+Cases come from tests/bad_inputs/: edits of a valid plan (plan_edits.yaml) and of the cpu cluster preset
+(cluster_edits.yaml), raw files (truncated, binary, tabs, YAML tags that would build Python objects), MODEL
+functions that cannot be planned (models.py), plus command-line arguments out of range (below). Each runs the
+real command line, `meshplan.cli.main(argv)`, in this process (fast; an uncaught exception fails the test) with
+torchrun's launcher replaced by a trap, so a case passes only if it is refused before any rank starts. A sample
+of every kind also runs as `python -m meshplan.cli` in a subprocess (exit status and stderr as a user sees
+them), and a plan for 2 ranks started by torchrun on 1 rank shows the check each rank makes before training.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from costmodel import load_cluster
+from meshplan.cli import main
+from planner.api import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = ROOT / "tests" / "bad_inputs"
+MLP = "tests/models.py:build_mlp"
+PWNED = "MESHPLAN_PWNED"
+"""The file the YAML-tag cases try to create through os.system / subprocess: it must never appear."""
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    """Arguments after `meshplan`; {plan}, {cluster} and {tmp} are filled in by `materialize`."""
+    expect: list[str]
+    plan_edit: dict | None = None
+    cluster_edit: dict | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _edit(data, case: dict):
+    """Apply a case's `set` / `delete` (dotted paths, numbers index lists) to YAML data in place."""
+    def walk(path: str):
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        return node, int(last) if isinstance(node, list) else last
+
+    for path, value in case.get("set", {}).items():
+        node, key = walk(path)
+        node[key] = value
+    for path in case.get("delete", []):
+        node, key = walk(path)
+        del node[key]
+    return data
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for spec in yaml.safe_load((BAD / "plan_edits.yaml").read_text()):
+        command = spec.get("command", "show")
+        argv = [command, "{plan}", *spec.get("args", [])] + (["--steps", "2"] if command == "execute" else [])
+        cases.append(Case(f"plan-{spec['name']}", argv, spec["expect"], plan_edit=spec))
+    for spec in yaml.safe_load((BAD / "cluster_edits.yaml").read_text()):
+        cases.append(Case(f"cluster-{spec['name']}", ["plan", MLP, "--cluster", "{cluster}", "--world-size", "2",
+                                                      "--out", "{tmp}/out.yaml"], spec["expect"], cluster_edit=spec))
+    raw_plans = {
+        "plan_truncated.yaml": ["plan_truncated.yaml", "missing field 'world_size'"],
+        "plan_truncated_in_quote.yaml": ["not valid YAML", "unexpected end of stream"],
+        "plan_python_object.yaml": ["not valid YAML", "python/object/apply:os.system"],
+        "plan_python_object_nested.yaml": ["not valid YAML", "python/object/new:subprocess.Popen"],
+        "plan_top_level_list.yaml": ["must be a YAML mapping at the top level, got list"],
+        "plan_empty.yaml": ["must be a YAML mapping at the top level, got NoneType"],
+        "plan_tabs.yaml": ["not valid YAML", "tab"],
+        "plan_binary.yaml": ["not a text (UTF-8) file"],
+        "no_such_plan.yaml": ["cannot read plan file", "No such file"],
+    }
+    for name, expect in raw_plans.items():
+        cases.append(Case(f"file-{name}", ["show", str(BAD / name)], expect))
+        cases.append(Case(f"execute-{name}", ["execute", str(BAD / name)], expect))
+    raw_clusters = {
+        "cluster_python_tag.yaml": ["not valid YAML (or uses a tag safe_load refuses)", "python/object/apply"],
+        "cluster_truncated.yaml": ["not valid YAML", "cluster_truncated.yaml"],
+        "plan_binary.yaml": ["not a text (UTF-8) file"],
+    }
+    for name, expect in raw_clusters.items():
+        cases.append(Case(f"file-{name}-as-cluster", ["plan", MLP, "--cluster", str(BAD / name), "--world-size",
+                                                       "2", "--out", "{tmp}/out.yaml"], expect))
+    models = {
+        "build_data_dependent": ["tracing the training step failed", "models.py:23", "data-dependent"],
+        "build_shape_mismatch": ["tracing the training step failed", "[8, 8] X [16, 4]"],
+        "build_not_a_spec": ["must return planner.ModelSpec, got Linear"],
+        "build_raises": ["build_raises() raised RuntimeError", "model.json not found"],
+        "build_zero_batch": ["ModelSpec.global_batch_size must be a positive integer, got 0"],
+        "build_needs_arguments": ["missing 1 required positional argument: 'hidden'"],
+        "build_missing": ["has no function 'build_missing'"],
+    }
+    for function, expect in models.items():
+        cases.append(Case(f"model-{function}", ["plan", f"tests/bad_inputs/models.py:{function}", "--cluster", "cpu",
+                                                "--world-size", "2", "--out", "{tmp}/out.yaml"], expect))
+    plan_args = ["plan", MLP, "--cluster", "cpu", "--out", "{tmp}/out.yaml"]
+    arguments = {
+        "world_size_zero": (plan_args + ["--world-size", "0"], ["--world-size", "positive integer, got 0"]),
+        "world_size_word": (plan_args + ["--world-size", "two"], ["--world-size", "got 'two'"]),
+        "world_size_mesh_mismatch": (plan_args + ["--world-size", "2", "--mesh", "1x2x2"],
+                                     ["has 4 ranks but world size is 2", "--world-size 4"]),
+        "mesh_zero": (plan_args + ["--world-size", "2", "--mesh", "0x2"], ["--mesh", "positive sizes"]),
+        "param_dtype_int8": (plan_args + ["--world-size", "2", "--param-dtype", "int8"],
+                             ["--param-dtype", "invalid choice: 'int8'"]),
+        "cluster_unknown_preset": (plan_args + ["--world-size", "2", "--cluster", "a100-81g"],
+                                   ["unknown cluster preset 'a100-81g'", "a100-80g"]),
+        "steps_zero": (["execute", "{plan}", "--steps", "0"], ["--steps", "positive integer, got 0"]),
+        "steps_negative": (["execute", "{plan}", "--steps", "-3"], ["--steps", "positive integer, got -3"]),
+        "checkpoint_every_zero": (["execute", "{plan}", "--checkpoint-dir", "{tmp}/c", "--checkpoint-every", "0"],
+                                  ["--checkpoint-every", "got 0"]),
+        "max_restarts_negative": (["execute", "{plan}", "--max-restarts", "-1"], ["--max-restarts", ">= 0, got -1"]),
+        "timeout_zero": (["execute", "{plan}", "--timeout-s", "0"], ["--timeout-s", "seconds > 0, got '0'"]),
+        "timeout_nan": (["execute", "{plan}", "--timeout-s", "nan"], ["--timeout-s", "got 'nan'"]),
+        "cluster_check_unknown": (["execute", "{plan}", "--cluster", "tpu-v9"], ["--cluster", "unknown cluster "
+                                                                                 "preset 'tpu-v9'"]),
+    }
+    for name, (argv, expect) in arguments.items():
+        cases.append(Case(f"argument-{name}", argv, expect, plan_edit={}))
+    return cases
+
+
+CASES = _cases()
+SUBPROCESS_SAMPLE = ["plan-tp_as_word", "plan-fingerprint_of_another_model", "plan-plan_for_another_cluster",
+                     "file-plan_python_object.yaml", "file-plan_binary.yaml", "cluster-memory_negative",
+                     "model-build_data_dependent", "argument-steps_zero"]
+
+
+@pytest.fixture(scope="module")
+def base_plan_yaml() -> str:
+    """A valid plan the edits start from: the MLP of tests/models.py on 2 cpu ranks, data parallel."""
+    return plan(MLP, "cpu", 2, mesh=(1, 2, 1)).to_yaml()
+
+
+def materialize(case: Case, base_plan_yaml: str, tmp: Path) -> list[str]:
+    """Write the case's plan and cluster files into `tmp` and return its argv with the placeholders filled."""
+    plan_path, cluster_path = tmp / "plan.yaml", tmp / "cluster.yaml"
+    if case.plan_edit is not None:
+        data = _edit(yaml.safe_load(base_plan_yaml), case.plan_edit)
+        if "cluster_preset" in case.plan_edit:
+            data["cluster"] = load_cluster(case.plan_edit["cluster_preset"]).for_world_size(2).to_dict()
+        plan_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if case.cluster_edit is not None:
+        cluster_path.write_text(yaml.safe_dump(_edit(load_cluster("cpu").to_dict(), case.cluster_edit)))
+    return [arg.format(plan=plan_path, cluster=cluster_path, tmp=tmp) for arg in case.argv]
+
+
+def test_the_corpus_is_large_and_names_are_unique():
+    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+    assert set(SUBPROCESS_SAMPLE) <= {c.name for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_with_a_clear_message(case, base_plan_yaml, tmp_path, monkeypatch, capsys):
+    import runtime.execute
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError(f"{case.name}: torchrun was launched; the input should have been refused before")
+
+    monkeypatch.setattr(runtime.execute, "launch", no_launch)
+    monkeypatch.chdir(ROOT)
+    argv = materialize(case, base_plan_yaml, tmp_path)
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, (argv, err)
+    assert "Traceback" not in err
+    for text in case.expect:
+        assert text in err, f"{text!r} not in the message:\n{err}"
+    assert not (tmp_path / "out.yaml").exists()
+    assert not (ROOT / PWNED).exists() and not (tmp_path / PWNED).exists()
+
+
+def test_sample_through_the_installed_command_line(base_plan_yaml, tmp_path):
+    """The same cases as a user runs them, `python -m meshplan.cli ...` in a subprocess: status 2 and no
+    traceback on stderr. (Four at a time: each start-up imports torch.)"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run(case: Case):
+        folder = tmp_path / case.name
+        folder.mkdir()
+        argv = materialize(case, base_plan_yaml, folder)
+        return case, subprocess.run([sys.executable, "-m", "meshplan.cli", *argv], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=300)
+
+    sample = [c for c in CASES if c.name in SUBPROCESS_SAMPLE]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, sample))
+    for case, done in results:
+        assert done.returncode == 2, (case.name, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (case.name, done.stderr[-2000:])
+        for text in case.expect:
+            assert text in done.stderr, (case.name, text, done.stderr[-2000:])
+    assert not (ROOT / PWNED).exists()
+
+
+def test_each_rank_refuses_a_plan_for_another_world_size(base_plan_yaml, tmp_path):
+    """Started by hand with torchrun on 1 rank, a plan for 2 ranks stops in the rank before it joins a process
+    group or builds the model: status 2 from the rank, the mismatch and the fix in its message."""
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(base_plan_yaml)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "meshplan.cli", "execute", str(plan_file), "--steps", "1"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "meshplan execute: error: the plan is for world size 2 but 1 ranks were started" in done.stderr
+    assert "--nproc-per-node=2" in done.stderr and "exitcode  : 2" in done.stderr
+    assert "ran 1 steps" not in done.stdout
