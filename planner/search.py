@@ -31,7 +31,9 @@ NUM_ALTERNATIVES = 4
 
 
 class InfeasiblePlanError(PlanError):
-    """No configuration fits in device memory; the message says how much would be needed and what helps."""
+    """No configuration can run: none fits in device memory (the message says how much would be needed and what
+    helps), or no mesh shape exists for the world size, global batch, devices per node and layer count. `plan()`
+    raises it for valid inputs that cannot be planned; other PlanErrors mean invalid inputs."""
 
 
 @dataclass
@@ -111,9 +113,11 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
     configs = enumerate_configs(world_size, cluster.devices_per_node, len(graph.layers), global_batch_size,
                                 param_dtype, mesh, host_offload=cluster.host_link is not None)
     if not configs:
-        raise PlanError(f"no pp x dp x tp mesh for world size {world_size}: dp must divide the global batch "
-                        f"{global_batch_size}, tp must fit in a node of {cluster.devices_per_node}, and pp must "
-                        f"not exceed the {len(graph.layers)} layers of the chain")
+        raise InfeasiblePlanError(
+            f"no pp x dp x tp mesh for world size {world_size}: dp must divide the global batch "
+            f"{global_batch_size}, tp must fit in a node of {cluster.devices_per_node}, and pp must not exceed "
+            f"the {len(graph.layers)} layers of the chain. To make one exist: use a world size whose factors fit "
+            "these limits, a global batch with more divisors, or a cluster profile with more devices per node.")
     pricer = ConfigPricer(model, graph, cluster)
     ordered = sorted(range(len(configs)), key=lambda i: (lower_bound_s(pricer, configs[i]), i))
     best: ConfigResult | None = None
