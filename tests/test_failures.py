@@ -24,6 +24,7 @@ import pytest
 from meshplan import execute
 from planner.api import plan
 from runtime.execute import RunFailedError
+from runtime.watchdog import SETUP_STEP, Progress, explain_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = f"{ROOT}/tests/failure_models.py:build_faulty_mlp"
@@ -99,3 +100,17 @@ def test_stalled_rank_is_reported_with_its_rank_and_step(faulty_plan):
     assert "Traceback" not in done.stderr
     # start-up (imports, rendezvous, model build: ~10-30 s on 2 loaded cores) + the timeout + teardown
     assert elapsed_s < timeout_s + 90, elapsed_s
+
+
+def test_hang_message_names_the_rank_behind_a_silent_rank_or_a_shared_collective():
+    """explain_hang's three verdicts, from published progress (no process group needed)."""
+    me = Progress(0, 7, "loss all-reduce")
+    behind = explain_hang(me, 31.0, 30, [me, Progress(1, 7, "step"), Progress(2, 7, "loss all-reduce")], 3)
+    assert "rank 0 at step 7 (loss all-reduce) made no progress for 31.0 s (--timeout-s 30)" in behind
+    assert "rank(s) 1 stopped answering at step 7 (step)" in behind
+    silent = explain_hang(me, 31.0, 30, [me, Progress(1, 6, "checkpoint", heartbeat_age_s=45.0)], 3)
+    assert "rank(s) 1, 2 stopped answering at step 6" in silent and "last heartbeat 45.0 s ago" in silent
+    shared = explain_hang(me, 31.0, 30, [me, Progress(1, 7, "loss all-reduce")], 2)
+    assert "every rank waits at step 7 (loss all-reduce)" in shared and "mismatched collectives" in shared
+    setup = explain_hang(Progress(0, SETUP_STEP, "build"), 31.0, 30, [Progress(0, SETUP_STEP, "build")], 2)
+    assert "rank 0 at setup (build)" in setup and "rank(s) 1 stopped answering before publishing" in setup
