@@ -206,15 +206,33 @@ def test_sample_through_the_installed_command_line(base_plan_yaml, tmp_path):
     assert not (ROOT / PWNED).exists()
 
 
+def run_by_hand_with_torchrun(plan_file: Path, ranks: int) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node=RANKS -m meshplan.cli execute PLAN`, as a person starts it (no `execute` checks
+    before the launch)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={ranks}", "-m", "meshplan.cli", "execute", str(plan_file), "--steps",
+                           "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_each_rank_refuses_a_plan_for_another_world_size(base_plan_yaml, tmp_path):
-    """Started by hand with torchrun on 1 rank, a plan for 2 ranks stops in the rank before it joins a process
-    group or builds the model: status 2 from the rank, the mismatch and the fix in its message."""
+    """Started on 1 rank, a plan for 2 ranks stops in the rank before it joins a process group or builds the
+    model: status 2 from the rank, the mismatch and the fix in its message."""
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(base_plan_yaml)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                           "-m", "meshplan.cli", "execute", str(plan_file), "--steps", "1"], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    done = run_by_hand_with_torchrun(plan_file, 1)
     assert done.returncode != 0
     assert "meshplan execute: error: the plan is for world size 2 but 1 ranks were started" in done.stderr
     assert "--nproc-per-node=2" in done.stderr and "exitcode  : 2" in done.stderr
     assert "ran 1 steps" not in done.stdout
+
+
+def test_each_rank_refuses_a_plan_for_another_model_when_started_by_hand(tmp_path):
+    edited = plan(MLP, "cpu", 1)
+    edited.model.fingerprint = "sha256:0000000000000000"
+    plan_file = tmp_path / "plan.yaml"
+    edited.save(plan_file)
+    done = run_by_hand_with_torchrun(plan_file, 1)
+    assert done.returncode != 0
+    assert "meshplan execute: error: the plan was made for a different model" in done.stderr
+    assert "exitcode  : 2" in done.stderr and "ran 1 steps" not in done.stdout
