@@ -89,7 +89,7 @@ def _why_not(alt: ConfigResult, best: ConfigResult) -> str:
     if abs(slower) < 1e-9:
         return "ties with the chosen plan; the chosen one comes first in the search order"
     diffs = {name.removesuffix("_s"): alt.breakdown_s.get(name, 0.0) - best.breakdown_s.get(name, 0.0)
-             for name in ("compute_s", "communication_s", "bubble_s", "optimizer_s")}
+             for name in ("compute_s", "communication_s", "offload_s", "bubble_s", "optimizer_s")}
     worst = max(diffs, key=lambda k: diffs[k])
     return (f"{slower:+.1%} step time; most of it is {worst} "
             f"({diffs[worst] * 1e3:+.3f} ms against the chosen plan)")
