@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from costmodel import ClusterError
+from meshplan.show import format_plan
 from planner.capture import CaptureError
 from planner.model_spec import ModelSpecError
 from planner.plan import Plan
@@ -43,35 +44,6 @@ def _mesh(text: str) -> tuple[int, int, int]:
     if len(sizes) not in (2, 3) or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected PPxDPxTP or DPxTP with positive sizes, got {text!r}")
     return sizes if len(sizes) == 3 else (1, *sizes)
-
-
-def format_plan(plan: Plan, why: bool = False) -> str:
-    """A readable summary of a plan: mesh, layers with their choices, predictions (and alternatives if `why`)."""
-    p = plan.predicted
-    lines = [f"model    {plan.model.source}  ({plan.model.num_parameters:,} parameters, "
-             f"global batch {plan.model.global_batch_size})",
-             f"cluster  {plan.cluster.get('name')}  world size {plan.world_size}",
-             f"mesh     pp={plan.mesh.pp} x dp={plan.mesh.dp} x tp={plan.mesh.tp}  (data parallel: "
-             f"{plan.data_parallel.kind}, schedule {plan.pipeline.schedule}, {plan.pipeline.num_microbatches} "
-             f"micro-batches of {plan.micro_batch_size}, {plan.precision.param_dtype})", "",
-             f"{'layer':<24}{'stage':>5}  {'strategy':<11}{'checkpoint':<11}{'time (ms)':>11}{'memory (MiB)':>14}"
-             "  tensor-parallel units"]
-    for layer in plan.layers:
-        units = "; ".join(f"{','.join(u.colwise)} -> {u.rowwise}" for u in layer.tensor_parallel)
-        extras = (" +sp" if layer.sequence_parallel else "") + (" +offload" if layer.offload_activations else "")
-        lines.append(f"{layer.path or '<root>':<24}{layer.stage:>5}  {layer.strategy:<11}{layer.checkpoint:<11}"
-                     f"{layer.predicted_time_ms:>11.3f}{layer.predicted_memory_mib:>14.3f}  {units}{extras}")
-    lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f} incl. recompute "
-                  f"{p.recompute_ms:.3f}, communication {p.communication_ms:.3f}, pipeline bubble "
-                  f"{p.bubble_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
-              f"predicted peak memory {p.peak_memory_mib:.3f} MiB per device of {p.memory_limit_mib:.1f} allowed "
-              f"(parameters {p.parameters_mib:.3f}, gradients {p.gradients_mib:.3f}, optimizer states "
-              f"{p.optimizer_states_mib:.3f}, activations and buffers {p.activations_mib:.3f})"]
-    if why:
-        lines += ["", "alternatives considered (best of each other shape):"]
-        lines += [f"  {a.summary:<52} {a.step_time_ms:>10.3f} ms {a.peak_memory_mib:>10.3f} MiB  {a.why_not}"
-                  for a in plan.alternatives] or ["  none: the mesh and data-parallel flavour were pinned"]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
