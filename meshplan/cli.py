@@ -1,7 +1,9 @@
-"""The `meshplan` command: plan, show, execute, calibrate.
+"""The `meshplan` command: plan, show, validate, diff, execute, calibrate.
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
-    meshplan show plan.yaml
+    meshplan show plan.yaml [--why] [--timeline FILE.png]
+    meshplan validate plan.yaml examples/gpt.py:build_gpt --cluster cpu
+    meshplan diff a.yaml b.yaml
     meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
@@ -61,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan")
     s.add_argument("--why", action="store_true", help="also list the alternatives the search priced and why "
                                                       "each lost")
+    s.add_argument("--timeline", metavar="FILE.png", help="also draw the pipeline schedule (one row per pipeline "
+                                                          "rank, predicted times) to this image")
+    v = sub.add_parser("validate", help="check a (hand-edited) plan against the model and cluster and price it "
+                                        "again with the planner's cost model")
+    v.add_argument("plan")
+    v.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
+    v.add_argument("--cluster", required=True, help="preset name or cluster YAML to check and price against")
+    d = sub.add_parser("diff", help="what changed between two plans and the predicted effect")
+    d.add_argument("plan_a")
+    d.add_argument("plan_b")
+    d.add_argument("--model", help="re-cost both plans for this MODEL (with --cluster) instead of comparing the "
+                                   "predictions recorded in the files (stale in a hand-edited plan)")
+    d.add_argument("--cluster", help="preset name or cluster YAML for --model")
     e = sub.add_parser("execute", help="train with a plan across ranks (starts torchrun when needed)")
     e.add_argument("plan")
     e.add_argument("--steps", type=_positive_int, default=5)
@@ -90,7 +105,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}")
         return 0
     if args.command == "show":
-        print(format_plan(Plan.load(args.plan), why=args.why))
+        shown = Plan.load(args.plan)
+        print(format_plan(shown, why=args.why))
+        if args.timeline:
+            from meshplan.timeline import draw_timeline
+
+            draw_timeline(shown, args.timeline)
+            print(f"\nwrote {args.timeline}" + ("" if shown.mesh.pp > 1 else " (pp = 1: no pipeline, one row)"))
+        return 0
+    if args.command == "validate":
+        from meshplan.validate import check_fits, validate_plan
+
+        text, checked, recosted = validate_plan(args.plan, args.model, args.cluster)
+        print(text)
+        check_fits(args.plan, checked, recosted)
+        print(f"\n{args.plan} fits: peak {recosted.prediction.peak_memory_mib:,.3f} MiB of "
+              f"{recosted.prediction.memory_limit_mib:,.1f} MiB per device")
+        return 0
+    if args.command == "diff":
+        from meshplan.diff import format_diff
+
+        a, b = Plan.load(args.plan_a), Plan.load(args.plan_b)
+        if (args.model is None) != (args.cluster is None):
+            raise PlanError("diff: give --model and --cluster together to re-cost both plans, or neither")
+        if args.model is not None:
+            from meshplan.validate import recost_file
+
+            a.predicted = recost_file(a, args.model, args.cluster).prediction
+            b.predicted = recost_file(b, args.model, args.cluster).prediction
+        print(format_diff(a, b, args.plan_a, args.plan_b, recosted=args.model is not None))
         return 0
     if args.command == "execute":
         from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun
