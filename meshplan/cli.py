@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from costmodel import ClusterError
+from costmodel.progress import ENV as PROGRESS_ENV
 from meshplan.show import format_plan
 from planner.capture import CaptureError
 from planner.model_spec import ModelSpecError
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of parameters; not float32 means mixed precision with fp32 master weights")
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
+    p.add_argument("--progress", action="store_true", help="draw the search's progress bar on stderr even when it "
+                                                           "is not a terminal (same as MESHPLAN_PROGRESS=1)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")
     s.add_argument("--why", action="store_true", help="also list the alternatives the search priced and why "
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from planner.api import plan
 
+        if args.progress:
+            os.environ[PROGRESS_ENV] = "1"
         result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
         result.save(args.out)
         print(format_plan(result))

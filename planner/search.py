@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from costmodel import Cluster
+from costmodel.progress import Progress
 from planner.config_space import ParallelConfig, enumerate_configs
 from planner.data_parallel_costs import rank_state_bytes
 from planner.evaluate_config import ConfigPricer, ConfigResult, pipeline_step_factor
@@ -118,10 +119,14 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
     best: ConfigResult | None = None
     best_per_shape: dict[tuple, ConfigResult] = {}
     screened_count = solved_count = 0
-    for index in ordered:
+    progress = Progress("plan", len(configs))
+    for visited, index in enumerate(ordered):
         config = configs[index]
         if best is not None and lower_bound_s(pricer, config) >= best.step_time_s:
+            progress.finish(f"stopped after {visited} of {len(configs)}: the rest cannot beat "
+                            f"{best.step_time_s * 1e3:.3f} ms")
             break
+        progress.step(config.summary + ("" if best is None else f"  (best {best.step_time_s * 1e3:.3f} ms)"))
         if not states_fit(graph, cluster, config):
             continue
         screened = pricer.screen(config)
@@ -137,6 +142,7 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
         solved_count += 1
         if exact.feasible and (best is None or exact.step_time_s < best.step_time_s * (1 - 1e-9)):
             best = exact
+    progress.finish(f"searched {len(configs)} configurations")
     if best is None:
         raise _infeasible(pricer, configs, cluster)
     alternatives = []
