@@ -46,7 +46,7 @@ def rank_groups(plan: Plan) -> dict[str, list[list[int]]]:
     shard and replica group: runtime/data_parallel.py unflattens dp into (replicate, shard), shard fastest)."""
     grid = rank_grid(plan)
     pp, dp, tp = grid.shape
-    groups = {"pp stage": [grid[p].flatten().tolist() for p in range(pp)],
+    groups = {"pipeline rank": [grid[p].flatten().tolist() for p in range(pp)],
               "pp group": [grid[:, d, t].tolist() for d in range(dp) for t in range(tp)],
               "dp group": [grid[p, :, t].tolist() for p in range(pp) for t in range(tp)],
               "tp group": [grid[p, d, :].tolist() for p in range(pp) for d in range(dp)]}

@@ -77,8 +77,8 @@ def validate_plan(plan_path: str, model: str, cluster_name: str) -> tuple[str, P
     lines = [f"{plan_path}: consistent with {model} (fingerprint {plan.model.fingerprint}, "
              f"{len(plan.layers)} layers, mesh pp={plan.mesh.pp} x dp={plan.mesh.dp} x tp={plan.mesh.tp} = "
              f"{plan.world_size} ranks)", ""]
-    if plan.cluster.get("name") != load_cluster(cluster_name).name:
-        lines += [f"note: planned on cluster {plan.cluster.get('name')!r}, re-costed on {cluster_name!r}", ""]
+    if plan.cluster.get("name") != recosted.cluster_name:
+        lines += [f"note: planned on cluster {plan.cluster.get('name')!r}, re-costed on {recosted.cluster_name!r}", ""]
     lines += format_comparison(plan.predicted, recosted.prediction)
     changed = changed_layers(plan, recosted)
     if changed:

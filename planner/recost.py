@@ -37,6 +37,7 @@ class Recosted:
     """(predicted_time_ms, predicted_memory_mib) per layer, as the plan records them."""
     notes: list[str]
     """What the cost model does not see in this plan (priced as if it were not there)."""
+    cluster_name: str
 
     @property
     def fits(self) -> bool:
@@ -131,4 +132,4 @@ def recost_plan(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluste
     if plan.precision.reduce_dtype != "float32":
         notes.append(f"precision.reduce_dtype {plan.precision.reduce_dtype}: gradient reduction priced in float32")
     prediction = prediction_of(result, cluster, step_time_s=step_s)
-    return Recosted(result, prediction, layer_predictions(result), notes)
+    return Recosted(result, prediction, layer_predictions(result), notes, cluster.name)
