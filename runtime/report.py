@@ -36,7 +36,10 @@ class RunReport:
         mesh = {"pp": plan.mesh.pp, "dp": plan.mesh.dp, "tp": plan.mesh.tp}
         predicted = plan.predicted
         breakdown = {"Parameter": predicted.parameters_mib, "Gradient": predicted.gradients_mib,
-                     "Optstate": predicted.optimizer_states_mib, "Activation": predicted.activations_mib}
+                     "Optstate": predicted.optimizer_states_mib,
+                     # working buffers (rematerialised activations, gathered ZeRO-3 layers) as before they
+                     # were split out: the tracker has no category that matches them alone
+                     "Activation": predicted.activations_mib + (predicted.buffers_mib or 0.0)}
         return cls(world_size=plan.world_size, mesh=mesh, steps=steps,
                    losses=ranks[0].losses, predicted_step_time_ms=plan.predicted.step_time_ms,
                    measured_step_time_ms=max(median_step_time_s(r) for r in ranks) * 1e3,
