@@ -91,33 +91,25 @@ def format_mesh(plan: Plan) -> list[str]:
 
 
 def format_stages(plan: Plan) -> list[str]:
+    """The layers in a table, under a line per pipeline stage (rank, forward and backward time per micro-batch)."""
     p = plan.predicted
-    rows = []
-    for stage in range(plan.num_stages):
-        if plan.mesh.pp > 1:
-            timing = ""
-            if stage < len(p.stages):
-                timing = f"  forward {p.stages[stage].forward_ms:.3f} ms, backward {p.stages[stage].backward_ms:.3f} " \
-                         "ms per micro-batch"
-            rows.append([f"stage {stage} on pipeline rank {stage % plan.mesh.pp}{timing}"])
-        for layer in (layer for layer in plan.layers if layer.stage == stage):
-            units = "; ".join(f"{','.join(u.colwise)}->{u.rowwise}" for u in layer.tensor_parallel) or "-"
-            rows.append([f"  {layer.path or '<root>'}", layer.strategy, units, "yes" if layer.sequence_parallel
-                         else "-", layer.checkpoint, "yes" if layer.offload_activations else "-",
-                         f"{layer.predicted_time_ms:.3f}", f"{layer.predicted_memory_mib:.3f}"])
-    width = 8
-    table_rows = [r for r in rows if len(r) == width]
-    lines = format_table(["layer", "strategy", "tensor-parallel units", "sp", "checkpoint", "offload", "time ms",
-                          "memory MiB"], table_rows, right={6, 7})
-    # put the stage headers back between the layers (they span the table)
-    out, i = lines[:2], 2
-    for r in rows:
-        if len(r) == 1:
-            out.append(r[0])
-        else:
-            out.append(lines[i])
-            i += 1
-    return out
+    rows, stage_of_row = [], []
+    for layer in plan.layers:
+        units = "; ".join(f"{','.join(u.colwise)}->{u.rowwise}" for u in layer.tensor_parallel) or "-"
+        rows.append([f"  {layer.path or '<root>'}", layer.strategy, units, "yes" if layer.sequence_parallel else "-",
+                     layer.checkpoint, "yes" if layer.offload_activations else "-", f"{layer.predicted_time_ms:.3f}",
+                     f"{layer.predicted_memory_mib:.3f}"])
+        stage_of_row.append(layer.stage)
+    table = format_table(["layer", "strategy", "tensor-parallel units", "sp", "checkpoint", "offload", "time ms",
+                          "memory MiB"], rows, right={6, 7})
+    lines = table[:2]
+    for i, (line, stage) in enumerate(zip(table[2:], stage_of_row, strict=True)):
+        if plan.mesh.pp > 1 and (i == 0 or stage != stage_of_row[i - 1]):
+            timing = "" if stage >= len(p.stages) else (f": forward {p.stages[stage].forward_ms:.3f} ms, backward "
+                                                        f"{p.stages[stage].backward_ms:.3f} ms per micro-batch")
+            lines.append(f"stage {stage} on pipeline rank {stage % plan.mesh.pp}{timing}")
+        lines.append(line)
+    return lines
 
 
 def memory_parts_mib(p: Prediction) -> list[tuple[str, float]]:
