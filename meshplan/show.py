@@ -84,7 +84,9 @@ def format_mesh(plan: Plan) -> list[str]:
     rows = []
     for name, groups in rank_groups(plan).items():
         shown = " ".join(f"[{_ranks(g)}]" for g in groups[:MAX_GROUPS_SHOWN])
-        if len(groups) > MAX_GROUPS_SHOWN:
+        if len(groups[0]) == 1:
+            shown = "every rank alone (axis of size 1)"
+        elif len(groups) > MAX_GROUPS_SHOWN:
             shown += f" ... ({len(groups)} groups)"
         rows.append([name, str(len(groups)), str(len(groups[0])), shown])
     return lines + format_table(["rank layout", "groups", "size", "global ranks"], rows, right={1, 2})
