@@ -2,10 +2,9 @@
 
 Every configuration the search enumerates for 4 and 8 ranks (mesh, micro-batching, schedule, virtual stages,
 data-parallel flavour, HSDP across two nodes, state offload, mixed precision) is solved exactly and written as a
-Plan the way
-`plan()` writes its winner; each must validate and pass the runtime's own pre-flight checks. The parity tests
-then show the shapes train like one process; this test makes sure no shape the search can pick is one the
-runtime would refuse.
+Plan the way `plan()` writes its winner; each must validate and pass the runtime's own pre-flight checks. The
+parity tests then show the shapes train like one process; this test makes sure no shape the search can pick is
+one the runtime would refuse.
 """
 
 from __future__ import annotations
