@@ -76,8 +76,11 @@ class RunReport:
         lines += ["", f"{'':<26}{'predicted':>12}{'measured':>12}{'error':>9}"]
 
         def row(name: str, predicted: float, measured: float) -> str:
-            error = (predicted - measured) / measured if measured else float("nan")
-            return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error:>+9.0%}"
+            if measured:
+                error_text = f"{(predicted - measured) / measured:>+9.0%}"
+            else:  # nothing measured: an error ratio means nothing (0 predicted too is exact)
+                error_text = f"{'exact' if predicted == 0 else 'n/a':>9}"
+            return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error_text}"
 
         lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms))
         lines.append(row("peak memory (MiB/rank)", self.predicted_peak_memory_mib, self.measured_peak_memory_mib))
