@@ -1,10 +1,11 @@
 """`meshplan validate plan.yaml MODEL --cluster C`: check a (hand-edited) plan and price it again.
 
-Loading checks the plan on its own (schema, world size = pp x dp x tp, contiguous stages, ...). Then
-planner/recost.py checks it against the model (fingerprint, layer paths, tensor-parallel units are the model's
-real linears, every choice one the planner offers) and prices its choices with the search's own cost path
-(ConfigPricer.predict). The report puts the re-costed step time and peak memory beside the plan's recorded
-prediction. A plan that does not fit the cluster's memory is an error (exit 2) naming what to change.
+Loading checks the plan on its own (schema, world size = pp x dp x tp, contiguous stages, ...) and the
+runtime's pre-flight check refuses what the runtime cannot run. Then planner/recost.py checks it against the
+model (fingerprint, layer paths, tensor-parallel units are the model's real linears, every choice one the
+planner offers) and prices its choices with the search's own cost path (ConfigPricer.predict). The report
+puts the re-costed step time and peak memory beside the plan's recorded prediction. A plan that does not fit
+the cluster's memory is an error (exit 2) naming what to change.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ def overflow_fix(plan: Plan, recosted: Recosted) -> str:
 def validate_plan(plan_path: str, model: str, cluster_name: str) -> tuple[str, Plan, Recosted]:
     """The report text, the plan and its re-costing; PlanError when the plan is inconsistent with the model.
     Whether it fits is for `check_fits`, after the report is printed."""
+    from runtime.train import check_runtime_supports
+
     plan = Plan.load(plan_path)
     recosted = recost_file(plan, model, cluster_name)
+    check_runtime_supports(plan)  # what the runtime refuses before starting any rank
     lines = [f"{plan_path}: consistent with {model} (fingerprint {plan.model.fingerprint}, "
              f"{len(plan.layers)} layers, mesh pp={plan.mesh.pp} x dp={plan.mesh.dp} x tp={plan.mesh.tp} = "
              f"{plan.world_size} ranks)", ""]

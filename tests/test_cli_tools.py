@@ -278,11 +278,18 @@ def test_validate_accepts_a_hand_made_tensor_parallel_layer(plans, tmp_path, cap
     (lambda d: d["layers"][0].update(checkpoint="full"), "pick one of"),
     (lambda d: d["mesh"].update(dp=4), "world_size"),
     (lambda d: d["layers"][3].update(stage=3), "contiguous"),
+    (lambda d: d["data_parallel"].update(kind="ddp", offload=True), "data_parallel.offload"),
 ])
 def test_validate_refuses_inconsistent_plans(plans, tmp_path, capsys, edit, message):
     path = write_plan(tmp_path, plans["dp2tp2"], edit)
     assert main(["validate", path, GPT, "--cluster", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_validate_refuses_what_the_runtime_cannot_run(plans, tmp_path, capsys):
+    path = write_plan(tmp_path, plans["pp2"], lambda d: d["data_parallel"].update(kind="ddp"))
+    assert main(["validate", path, GPT, "--cluster", "cpu"]) == 2
+    assert "set data_parallel.kind to 'zero2' or 'zero3'" in capsys.readouterr().err
 
 
 def test_validate_refuses_a_plan_that_does_not_fit(plans, tmp_path, capsys):
