@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from unittest import mock
 
+import torch
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
 from planner.plan import Plan
@@ -78,9 +79,14 @@ def schedule_order(schedule: str, pp: int, num_microbatches: int, virtual_stages
         raise PlanError(f"pipeline.schedule {schedule!r} has no torch schedule; use one of "
                         f"{sorted(SCHEDULE_CLASSES)}")
     schedule_class = SCHEDULE_CLASSES[schedule]
-    if issubclass(schedule_class, PipelineScheduleSingle):
-        return _recorded_single_stage_order(schedule_class, pp, num_microbatches)
-    ops = get_schedule_ops(schedule_class, pp, num_microbatches, virtual_stages)
+    try:
+        if issubclass(schedule_class, PipelineScheduleSingle):
+            return _recorded_single_stage_order(schedule_class, pp, num_microbatches)
+        ops = get_schedule_ops(schedule_class, pp, num_microbatches, virtual_stages)
+    except (AttributeError, TypeError) as err:  # private pipelining helpers this module reads changed
+        raise RuntimeError(f"cannot read the order of {schedule_class.__name__} from torch {torch.__version__}'s "
+                           f"pipelining schedules ({err}); meshplan's timeline was written against torch 2.13") \
+            from err
     return {rank: [a for a in actions if a is not None and a.computation_type in (FORWARD, BACKWARD)]
             for rank, actions in enumerate(ops)}
 
