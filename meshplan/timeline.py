@@ -195,7 +195,8 @@ def draw_timeline(plan: Plan, path: str) -> list[Box]:
     else:
         busy = sum(b.end_ms - b.start_ms for b in boxes)
         title = (f"{plan.pipeline.schedule}, pp={pp}" + (f" x {v} stages per rank" if v > 1 else "")
-                 + f", {m} micro-batches: forward/backward {makespan:.3f} ms, bubble {1 - busy / (pp * makespan):.0%}")
+                 + f", {m} micro-batches: forward/backward {makespan:.3f} ms, idle (bubble and imbalance) "
+                 f"{1 - busy / (pp * makespan):.0%}")
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     fig.legend(handles=[Patch(facecolor="#888888", edgecolor="black", label="forward (colour: micro-batch)"),
                         Patch(facecolor="#888888", alpha=0.55, hatch="//", edgecolor="black", label="backward"),
