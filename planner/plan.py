@@ -278,7 +278,10 @@ class Plan:
                             f"{self.model.global_batch_size}")
         if self.model.num_parameters < 0:
             raise PlanError(f"{source}: field 'model.num_parameters' must be >= 0, got {self.model.num_parameters}")
-        numbers = [(f"predicted.{f.name}", getattr(self.predicted, f.name)) for f in dataclasses.fields(Prediction)]
+        numbers = [(f"predicted.{f.name}", getattr(self.predicted, f.name)) for f in dataclasses.fields(Prediction)
+                   if isinstance(getattr(self.predicted, f.name), float)]
+        numbers += [(f"predicted.stages[{i}].{f.name}", getattr(stage, f.name))
+                    for i, stage in enumerate(self.predicted.stages) for f in dataclasses.fields(stage)]
         numbers += [(f"layers[{i}].{name}", getattr(layer, name)) for i, layer in enumerate(self.layers)
                     for name in ("predicted_time_ms", "predicted_memory_mib")]
         for name, value in numbers:
