@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -98,6 +99,8 @@ def test_stalled_rank_is_reported_with_its_rank_and_step(faulty_plan):
     assert "rank(s) 1 stopped answering at step 2 (data)" in done.stderr, done.stderr[-4000:]
     assert "exited with status 3: its watchdog detected a hang" in done.stderr
     assert "Traceback" not in done.stderr
+    stalls_s = [float(m) for m in re.findall(r"made no progress for ([\d.]+) s", done.stderr)]
+    assert stalls_s and all(timeout_s <= s < timeout_s + 2 for s in stalls_s), stalls_s  # detected on time
     # start-up (imports, rendezvous, model build: ~10-30 s on 2 loaded cores) + the timeout + teardown
     assert elapsed_s < timeout_s + 90, elapsed_s
 
