@@ -60,7 +60,8 @@ def from_plain(tp: Any, value: Any, field: str, source: str) -> Any:
                 has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
                 if has_default:
                     continue
-                raise PlanError(f"{source}: missing field '{path}' ({_type_name(hints[name])}).")
+                raise PlanError(f"{source}: missing field '{path}' ({_type_name(hints[name])}). Add it, or re-run "
+                                "`meshplan plan` to write a complete plan.")
             kwargs[name] = from_plain(hints[name], value[name], path, source)
         return tp(**kwargs)
     if origin is list:
