@@ -73,6 +73,23 @@ def checkpoint_for_this_attempt(checkpoint: CheckpointOptions | None) -> Checkpo
     return dataclasses.replace(checkpoint, resume=True)
 
 
+def store_for_this_attempt(timeout: timedelta) -> dist.Store | None:
+    """The rendezvous store under a per-attempt prefix, for a restarted group that shares torchrun's agent store.
+
+    torchrun (torch 2.13, c10d rendezvous) keeps one agent TCPStore for all restarts and hands it to the ranks
+    without a per-attempt prefix (TORCHELASTIC_USE_AGENT_STORE), so a restarted gloo group reads the dead
+    attempt's addresses and fails with "connectFullMesh ... Connection refused" (pytorch/pytorch#135712).
+    `execute` avoids that by launching with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt);
+    this covers a group that someone started with `torchrun --max-restarts` by hand. None: the default store
+    is fine."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+    return dist.PrefixStore(f"meshplan/attempt_{restarts}", agent_store)
+
+
 def run_in_this_process_group(plan: Plan, steps: int, plan_dir: Path | None,
                               checkpoint: CheckpointOptions | None = None, watch: Watchdog | None = None) -> RunReport:
     """Train on this rank and gather every rank's result into one report (returned on every rank)."""
@@ -96,7 +113,13 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
     backend = "nccl" if plan.cluster.get("backend") == "nccl" else "gloo"
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend, timeout=timedelta(seconds=2 * timeout_s))
+        timeout = timedelta(seconds=2 * timeout_s)
+        store = store_for_this_attempt(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     try:
         with Watchdog(timeout_s) as watch:
             report = run_in_this_process_group(plan, steps, plan_dir, checkpoint, watch)
@@ -148,6 +171,8 @@ def launch(plan_file: Path, world_size: int, rank_args: list[str], max_restarts:
         "--nnodes=1", f"--nproc-per-node={world_size}", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
         f"--rdzv-id={uuid.uuid4()}", f"--max-restarts={max_restarts}", "--module", "meshplan.cli", "execute",
         str(plan_file), *rank_args])
+    if max_restarts > 0:  # a fresh rendezvous store per attempt (see store_for_this_attempt)
+        env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     with _environment(**env):
         config, command, command_args = config_from_args(args)
         try:
