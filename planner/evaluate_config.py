@@ -61,6 +61,7 @@ from planner.layer_options import (
     price_layer_option,
     supports_tensor_parallel,
 )
+from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
@@ -134,10 +135,17 @@ class ConfigPricer:
             if tp_key not in self._tp_ok:
                 self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
-            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=not pipelined)
+            # the runtime's sequence parallelism (DTensor styles for nn.Linear) does not run Conv1D units
+            sequence_ok = not pipelined and not self._has_conv1d_units(layer)
+            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
                                 for o in options]
         return self._micro[key]
+
+    def _has_conv1d_units(self, layer) -> bool:
+        prefix = f"{layer.path}." if layer.path else ""
+        return any(is_conv1d(self.model.get_submodule(prefix + rel))
+                   for unit in layer.tp_units for rel in (*unit.colwise, unit.rowwise))
 
     def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
         """Sum over layers of their fastest time per micro-batch: the base of a configuration's lower bound."""

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import flop_registry
 
 from planner.capture import CapturedStep, capture_training_step
 from planner.layer_chain import find_layer_chain, repeated_stack_path
+from planner.linear_modules import is_linear_like
 from planner.model_spec import ModelSpec
 from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
 
@@ -369,8 +370,9 @@ def _assign_layers(nodes: list[torch.fx.Node], captured: CapturedStep, chain: li
 
 
 def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict[str, str], dict[str, str]]:
-    """For each nn.Linear used in forward: the node producing its output and the node that is its input."""
-    linear_paths = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """For each nn.Linear (or transformers Conv1D) used in forward: the node producing its output and the node
+    that is its input."""
+    linear_paths = {name for name, m in model.named_modules() if is_linear_like(m)}
     outputs: dict[str, str] = {}
     inputs: dict[str, str] = {}
     for node in nodes:

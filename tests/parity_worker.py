@@ -90,8 +90,23 @@ def load_plan_and_reference(plan_path: str):
     return plan, device, mesh, spec, reference
 
 
+def make_reference_local(reference) -> None:
+    """The reference is one process: its SyncBatchNorm layers (whose default group is every rank, each running
+    the same reference) normalise over this rank alone, i.e. like plain BatchNorm on the global batch."""
+    sync_norms = [m for m in reference.model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    if sync_norms:
+        alone, _ = dist.new_subgroups(group_size=1)
+        for module in sync_norms:
+            module.process_group = alone
+
+
 def run_plan(plan_path: str, steps: int) -> dict:
+    if Plan.load(plan_path).mesh.pp > 1:  # pipelines: each rank holds only its stages
+        from pipeline_parity_worker import compare_plan
+
+        return compare_plan(plan_path, steps)
     plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
+    make_reference_local(reference)
     model = build_parallel_model(plan, spec, mesh)
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
@@ -122,6 +137,13 @@ def run_plan(plan_path: str, steps: int) -> dict:
         diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
+    ref_buffers = dict(reference.model.named_buffers())
+    for name, b in model.named_buffers():  # BatchNorm running statistics, rotary tables
+        name = name.removeprefix("module.")
+        if name in ref_buffers and b.is_floating_point():
+            diff = rel_diff(full(b), ref_buffers[name])
+            if diff > worst.setdefault("buffer", 0.0):
+                worst["buffer"], worst_names["buffer"] = diff, name
     return {"worst": worst, "where": worst_names, "losses": losses,
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 

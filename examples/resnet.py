@@ -1,0 +1,68 @@
+"""Hugging Face transformers' ResNet (ResNetForImageClassification) as a meshplan MODEL: a tiny config with
+random weights built from `ResNetConfig` (nothing is downloaded).
+
+    meshplan plan examples/resnet.py:build_resnet --cluster cpu --world-size 4 --out plan.yaml
+    meshplan execute plan.yaml --steps 5
+
+BatchNorm: the model trains in train mode, so each data-parallel rank normalises with the statistics of its
+own slice of the batch (plain BatchNorm, no SyncBatchNorm) and updates its own running statistics. A run on
+dp ranks therefore equals a single process that runs each dp slice through the model separately, not one
+that normalises the whole global batch at once; `build_resnet(sync_batchnorm=True)` converts every BatchNorm
+to `torch.nn.SyncBatchNorm` instead (statistics over the global batch; needs a process group to run).
+torchvision's resnet18 is not used: the torchvision 0.29.1 wheel does not load beside torch 2.13.0+cpu
+(its compiled ops fail to register: "operator torchvision::nms does not exist").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from meshplan import ModelSpec
+
+
+class ResNetLogits(nn.Module):
+    def __init__(self, config: ResNetConfig):
+        super().__init__()
+        self.resnet = ResNetForImageClassification(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.resnet(pixel_values=pixel_values).logits
+
+
+def build_resnet(image_size: int = 32, num_classes: int = 4, global_batch_size: int = 8,
+                 sync_batchnorm: bool = False) -> ModelSpec:
+    """ResNet with basic blocks, stages of 16 / 32 channels, one block each, on 32x32 images whose class is the
+    quadrant holding a bright square."""
+    config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                          layer_type="basic", num_labels=num_classes)
+    model = ResNetLogits(config)
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def make_batch(batch_size: int, step: int):
+        gen = torch.Generator().manual_seed(2000 + step)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+        labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+        half = image_size // 2
+        for i, label in enumerate(labels.tolist()):
+            row, col = divmod(label % 4, 2)
+            images[i, :, row * half:(row + 1) * half, col * half:(col + 1) * half] += 1.0
+        return (images,), labels
+
+    return ModelSpec(model=model, make_batch=make_batch, loss_fn=F.cross_entropy,
+                     global_batch_size=global_batch_size, learning_rate=1e-3)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from meshplan import execute, plan
+
+    source = f"{Path(__file__).resolve()}:build_resnet"
+    result = plan(source, cluster="cpu", world_size=int(sys.argv[1]) if len(sys.argv) > 1 else 4)
+    print(f"mesh pp{result.mesh.pp} x dp{result.mesh.dp} x tp{result.mesh.tp}, {result.data_parallel.kind}")
+    report = execute(result, steps=5)
