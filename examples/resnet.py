@@ -5,10 +5,12 @@ random weights built from `ResNetConfig` (nothing is downloaded).
     meshplan execute plan.yaml --steps 5
 
 BatchNorm: the model trains in train mode, so each data-parallel rank normalises with the statistics of its
-own slice of the batch (plain BatchNorm, no SyncBatchNorm) and updates its own running statistics. A run on
-dp ranks therefore equals a single process that runs each dp slice through the model separately, not one
-that normalises the whole global batch at once; `build_resnet(sync_batchnorm=True)` converts every BatchNorm
-to `torch.nn.SyncBatchNorm` instead (statistics over the global batch; needs a process group to run).
+own slice of the batch and updates its own running statistics (FSDP2 leaves buffers alone; DDP overwrites them
+with rank 0's before every forward, `broadcast_buffers`). A run on dp ranks therefore equals one process that
+runs each dp slice through the model separately and averages the gradients, not one that normalises the whole
+global batch at once (that needs `torch.nn.SyncBatchNorm`, which refuses CPU tensors in torch 2.13; on GPUs
+convert the model with `nn.SyncBatchNorm.convert_sync_batchnorm` in this builder). Tensor parallelism and
+pipeline stages leave BatchNorm exact: every tp rank of a dp group sees the same slice.
 torchvision's resnet18 is not used: the torchvision 0.29.1 wheel does not load beside torch 2.13.0+cpu
 (its compiled ops fail to register: "operator torchvision::nms does not exist").
 """
@@ -32,15 +34,12 @@ class ResNetLogits(nn.Module):
         return self.resnet(pixel_values=pixel_values).logits
 
 
-def build_resnet(image_size: int = 32, num_classes: int = 4, global_batch_size: int = 8,
-                 sync_batchnorm: bool = False) -> ModelSpec:
+def build_resnet(image_size: int = 32, num_classes: int = 4, global_batch_size: int = 8) -> ModelSpec:
     """ResNet with basic blocks, stages of 16 / 32 channels, one block each, on 32x32 images whose class is the
     quadrant holding a bright square."""
     config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                           layer_type="basic", num_labels=num_classes)
     model = ResNetLogits(config)
-    if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     def make_batch(batch_size: int, step: int):
         gen = torch.Generator().manual_seed(2000 + step)

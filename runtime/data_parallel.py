@@ -124,16 +124,6 @@ def check_data_parallel_supported(plan: Plan) -> list[str]:
     return missing
 
 
-def sync_batchnorm_over_data_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Point every `nn.SyncBatchNorm` at the dp group (its default, the whole world, would count the tp and pp
-    replicas of each sample again): batch statistics are then those of the global batch, as in one process.
-    Plain `BatchNorm` is left alone: each dp rank normalises with its own slice's statistics and keeps its own
-    running statistics (DDP overwrites them with rank 0's at every forward, `broadcast_buffers`)."""
-    for module in model.modules():
-        if isinstance(module, nn.SyncBatchNorm):
-            module.process_group = mesh["dp"].get_group()
-
-
 def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     """Wrap `model` (already tensor-parallel and checkpointed) for data parallelism; returns the model to train.
 
@@ -141,7 +131,6 @@ def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: 
     zero2 and zero3 shard in place and return `model`.
     """
     kind = plan.data_parallel.kind
-    sync_batchnorm_over_data_parallel(model, mesh)
     if kind in DDP_KINDS:
         return _apply_ddp(model, plan, mesh)
     dp_mesh = data_parallel_mesh(plan, mesh)

@@ -8,9 +8,9 @@ loss and every gradient at each step and every parameter and floating buffer (Ba
 rotary tables) at the end, as relative errors of the difference's norm per tensor: within 1e-9 (summation order
 is the only difference; a missing reduction shows up as O(1)).
 
-ResNet's BatchNorm: built with SyncBatchNorm, which the runtime points at the dp group, so every dp rank
-normalises with global-batch statistics and its running statistics equal one process's (plain BatchNorm would
-normalise each dp slice alone: a different model, see examples/resnet.py).
+ResNet's BatchNorm (train mode, plain BatchNorm2d): each dp rank normalises with its own slice's statistics, so
+the reference runs each dp slice separately and averages gradients, and its running statistics follow this rank's
+slice (tests/parity_worker.batchnorm_reference_forward_backward; SyncBatchNorm refuses CPU tensors).
 """
 
 from __future__ import annotations
