@@ -10,6 +10,8 @@ model made from its config under `torch.device("meta")` when planning).
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,13 @@ class LlamaLogits(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.llama = LlamaForCausalLM(config)
+        # transformers' LlamaRotaryEmbedding.forward is wrapped in @torch.no_grad(). torch.export (which the
+        # pipeline splitter uses) turns that into a `wrap_with_set_grad_enabled` submodule, and the split
+        # stage then calls the rotary module once without arguments and fails ("Expected positional argument
+        # for parameter unsqueeze_default"). Its inputs (positions, the inv_freq buffer) never need gradients,
+        # so running the undecorated forward computes the same tables.
+        rotary = self.llama.model.rotary_emb
+        rotary.forward = types.MethodType(type(rotary).forward.__wrapped__, rotary)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llama(input_ids=input_ids, use_cache=False).logits
