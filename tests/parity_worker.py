@@ -44,6 +44,21 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
+def tensor_parallel_dim(p: torch.Tensor) -> int | None:
+    """The dim a parameter is sharded on over the mesh's `tp` axis (None when not sharded there); local shards
+    under DDP are read through their `_st_info`."""
+    spec = p if isinstance(p, DTensor) else getattr(p, "_st_info", None)
+    if spec is None:
+        return None
+    mesh, placements = (spec.device_mesh, spec.placements) if isinstance(spec, DTensor) else (spec.mesh,
+                                                                                              spec.placements)
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return None
+    placement = placements[names.index("tp")]
+    return placement.dim if placement.is_shard() else None
+
+
 def model_parameters(model: torch.nn.Module):
     """(name, parameter) with the DDP wrapper's `module.` prefix removed, so names match the reference."""
     for name, p in model.named_parameters():
@@ -161,7 +176,8 @@ def run_plan(plan_path: str, steps: int) -> dict:
             diff = rel_diff(full(b), ref_buffers[name])
             if diff > worst.setdefault("buffer", 0.0):
                 worst["buffer"], worst_names["buffer"] = diff, name
-    return {"worst": worst, "where": worst_names, "losses": losses,
+    tp_shards = {name: dim for name, p in model_parameters(model) if (dim := tensor_parallel_dim(p)) is not None}
+    return {"worst": worst, "where": worst_names, "losses": losses, "tp_shards": tp_shards,
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
 

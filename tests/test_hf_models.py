@@ -19,13 +19,24 @@ slice (tests/parity_worker.batchnorm_reference_forward_backward; SyncBatchNorm r
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from test_parity import force_tensor_parallel, run_parity
 from test_pipeline_parity import pipeline_plan
+from torch import nn
 
+from meshplan import ModelSpec
 from planner.api import plan
+from planner.capture import CaptureError, capture_training_step
+from planner.evaluate_config import allowed_stage_starts
+from planner.model_graph import build_model_graph
+from planner.model_spec import load_model_spec
+from planner.plan_schema import PlanError
+from planner.tensor_parallel_units import TensorParallelUnit
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"gpt2": f"{ROOT}/tests/hf_models.py:build_gpt2", "llama": f"{ROOT}/examples/hf_llama.py:build_hf_llama",
@@ -57,6 +68,18 @@ def planned(name: str):
     return plan(MODELS[name], "cpu", 4)
 
 
+# parameters sharded over tp on the pinned dp2xtp2 meshes, by dim: GPT-2's Conv1D weights are [in, out], so
+# column-parallel c_attn / c_fc shard dim 1 (bias dim 0) and row-parallel c_proj shards dim 0 (bias replicated)
+EXPECTED_TP_SHARDS = {
+    "gpt2": {f"gpt.transformer.h.{i}.{name}": dim for i in range(2) for name, dim in [
+        ("attn.c_attn.weight", 1), ("attn.c_attn.bias", 0), ("attn.c_proj.weight", 0),
+        ("mlp.c_fc.weight", 1), ("mlp.c_fc.bias", 0), ("mlp.c_proj.weight", 0)]},
+    "llama": {f"llama.model.layers.{i}.{name}.weight": dim for i in range(2) for name, dim in [
+        ("self_attn.q_proj", 0), ("self_attn.k_proj", 0), ("self_attn.v_proj", 0), ("self_attn.o_proj", 1),
+        ("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1)]},
+}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_hf_model_trains_like_one_process(name, tmp_path):
     plans = {"planned": planned(name), **{key: make(MODELS[name]) for key, make in PINNED[name].items()}}
@@ -64,3 +87,68 @@ def test_hf_model_trains_like_one_process(name, tmp_path):
     for key, result in results.items():
         for quantity, worst in result["worst"].items():
             assert worst < TOLERANCE[quantity], (key, quantity, result)
+    if name in EXPECTED_TP_SHARDS:
+        assert results["dp2xtp2"]["tp_shards"] == EXPECTED_TP_SHARDS[name]
+
+
+def graph_of(name: str):
+    return build_model_graph(load_model_spec(MODELS[name], device="meta"))
+
+
+def test_gpt2_conv1d_is_tensor_parallel_and_its_tied_head_counts_once():
+    graph = graph_of("gpt2")
+    layers = {layer.path: layer for layer in graph.layers}
+    for i in range(2):
+        assert layers[f"gpt.transformer.h.{i}"].tp_units == [
+            TensorParallelUnit(("attn.c_attn",), "attn.c_proj"), TensorParallelUnit(("mlp.c_fc",), "mlp.c_proj")]
+    model = load_model_spec(MODELS["gpt2"], device="meta").model
+    assert graph.num_params == sum(p.numel() for p in model.parameters())  # wte = lm_head counted once
+    assert sum(layer.num_params for layer in graph.layers) == graph.num_params
+    assert layers["gpt.lm_head"].num_params == 0  # its weight is wte's, counted where it is first used
+
+
+def test_bert_head_with_layernorm_and_tied_decoder_is_not_tensor_parallel():
+    """bert.cls is dense -> LayerNorm -> decoder (tied to the word embedding): sharding dense's outputs would
+    normalise a shard, and sharding the decoder would shard the embedding, so it has no unit; the encoder
+    layers keep theirs."""
+    layers = {layer.path: layer for layer in graph_of("bert").layers}
+    assert layers["bert.cls"].tp_units == []
+    assert len(layers["bert.bert.encoder.layer.0"].tp_units) == 2
+
+
+def test_tied_weights_keep_pipeline_stages_together():
+    """GPT-2's head is tied to its first layer: no stage boundary can fall between them, so the search plans pp = 1
+    and a pinned pipeline is refused with the tied names; an untied model (examples/hf_llama.py) cuts freely."""
+    assert planned("gpt2").mesh.pp == 1
+    with pytest.raises(PlanError, match=r"gpt\.transformer\.wte\.weight = gpt\.lm_head\.weight"):
+        plan(MODELS["gpt2"], "cpu", 4, mesh=(2, 2, 1))
+    graph = graph_of("gpt2")
+    spec = load_model_spec(MODELS["gpt2"], device="meta")
+    assert allowed_stage_starts(spec.model, graph.layers) == [0]
+    llama = load_model_spec(MODELS["llama"], device="meta")
+    assert allowed_stage_starts(llama.model, graph_of("llama").layers) == list(range(6))
+
+
+class DataDependentGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:  # reads a value: cannot be traced on fake tensors
+            return h
+        return -h
+
+
+def test_capture_error_names_the_op_the_line_the_module_and_the_fix():
+    model = nn.Sequential(nn.Linear(8, 8), DataDependentGate())
+    spec = ModelSpec(model=model, make_batch=lambda b, s: ((torch.randn(b, 8),), torch.randn(b, 8)),
+                     loss_fn=F.mse_loss, global_batch_size=4)
+    with pytest.raises(CaptureError) as caught:
+        capture_training_step(spec, 4)
+    message = str(caught.value)
+    assert "op: aten._local_scalar_dense" in message
+    assert re.search(r"test_hf_models\.py:\d+: if h\.sum\(\) > 0:", message), message
+    assert "in module: 1 (DataDependentGate)" in message
+    assert "torch.where" in message and "use_cache=False" in message
