@@ -8,6 +8,10 @@ torch's ColwiseParallel / RowwiseParallel only accept nn.Linear (weight [out, in
   (DTensor turns the replicated bias into a partial one inside `addmm`, so it is added once).
 The forward itself is transformers' code running on DTensors: `x.view(-1, in)` and `view(size_out)` use global
 sizes (`self.nf`), which stay valid on DTensors.
+
+Blind spot: GPT-2's attention splits the fused `c_attn` output into q, k and v along the sharded dim; DTensor
+redistributes that to Replicate (an all-gather), so attention runs replicated on the tp ranks and `c_proj` takes
+its local slice again. Exact, but slower than the planner's cost model assumes (it prices attention as sharded).
 """
 
 from __future__ import annotations
