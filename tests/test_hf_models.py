@@ -1,9 +1,10 @@
 """Models nobody here wrote: Hugging Face transformers GPT-2, Llama, BERT, ViT and ResNet (tiny configs, random
 weights, nothing downloaded) plan for 4 ranks on the `cpu` cluster and train on 4 gloo processes like one process.
 
-One torchrun launch per model (tests/parity_worker.py; pipeline plans go to pipeline_parity_worker.compare_plan)
-runs the planner's own plan and meshes pinned so that tensor parallelism (GPT-2's transformers Conv1D, Llama,
-BERT, ViT) and a pipeline (Llama, 2 stages x dp2) run, 3 AdamW steps each in float64, comparing the global-batch
+One torchrun launch for all models (tests/parity_worker.py; pipeline plans go to
+pipeline_parity_worker.compare_plan) runs each model's planner-chosen plan and meshes pinned so that tensor
+parallelism (GPT-2's transformers Conv1D, Llama, BERT, ViT) and a pipeline (Llama, 2 stages x dp2) run, 3 AdamW
+steps each in float64, comparing the global-batch
 loss and every gradient at each step and every parameter and floating buffer (BatchNorm running statistics,
 rotary tables) at the end, as relative errors of the difference's norm per tensor (parity_worker.rel_diff): loss,
 gradients and buffers within 1e-9 (summation order is the only difference; a missing reduction shows up as O(1)),
@@ -80,10 +81,21 @@ EXPECTED_TP_SHARDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def parity_results(tmp_path_factory) -> dict:
+    """Every model's plans in one torchrun launch (starting 4 processes that import torch and transformers costs
+    more than training these models); results keyed `model-plan`."""
+    plans = {}
+    for name, source in MODELS.items():
+        plans[f"{name}-planned"] = planned(name)
+        plans.update({f"{name}-{key}": make(source) for key, make in PINNED[name].items()})
+    return run_parity(plans, tmp_path_factory.mktemp("hf_parity"), "float64", steps=STEPS)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_hf_model_trains_like_one_process(name, tmp_path):
-    plans = {"planned": planned(name), **{key: make(MODELS[name]) for key, make in PINNED[name].items()}}
-    results = run_parity(plans, tmp_path, "float64", steps=STEPS)
+def test_hf_model_trains_like_one_process(name, parity_results):
+    results = {key.removeprefix(f"{name}-"): r for key, r in parity_results.items() if key.startswith(f"{name}-")}
+    assert set(results) == {"planned", *PINNED[name]}
     for key, result in results.items():
         for quantity, worst in result["worst"].items():
             assert worst < TOLERANCE[quantity], (key, quantity, result)
