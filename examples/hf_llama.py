@@ -3,6 +3,7 @@ built from `LlamaConfig` (nothing is downloaded). Rotary embeddings and the caus
 
     meshplan plan examples/hf_llama.py:build_hf_llama --cluster cpu --world-size 4 --out plan.yaml
     meshplan execute plan.yaml --steps 5
+    python examples/hf_llama.py [--world-size 4] [--steps 5]   # both steps from Python
 
 To train a real checkpoint, build the same wrapper around `LlamaForCausalLM.from_pretrained(...)` (or around a
 model made from its config under `torch.device("meta")` when planning).
@@ -62,13 +63,25 @@ def build_hf_llama(vocab: int = 128, seq_len: int = 16, hidden: int = 64, num_la
                      global_batch_size=global_batch_size, learning_rate=1e-3)
 
 
-if __name__ == "__main__":
-    import sys
+def main() -> None:
+    """Plan for --world-size CPU ranks, print the plan's summary, train --steps steps and print the report."""
+    import argparse
     from pathlib import Path
 
     from meshplan import execute, plan
 
-    source = f"{Path(__file__).resolve()}:build_hf_llama"
-    result = plan(source, cluster="cpu", world_size=int(sys.argv[1]) if len(sys.argv) > 1 else 4)
-    print(f"mesh pp{result.mesh.pp} x dp{result.mesh.dp} x tp{result.mesh.tp}, {result.data_parallel.kind}")
-    report = execute(result, steps=5)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    chosen = plan(f"{Path(__file__).resolve()}:build_hf_llama", cluster="cpu", world_size=args.world_size)
+    mesh = chosen.mesh
+    print(f"plan: pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp}, {chosen.data_parallel.kind}, "
+          f"predicted {chosen.predicted.step_time_ms:.2f} ms per step")
+    report = execute(chosen, steps=args.steps, quiet=True)
+    print(f"trained {args.steps} steps: loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}")
+    print(report.format())
+
+
+if __name__ == "__main__":
+    main()
