@@ -70,18 +70,22 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 def batchnorm_reference_forward_backward(reference, plan: Plan, inputs, targets, dp_rank: int) -> torch.Tensor:
-    """BatchNorm in training mode normalises with the statistics of the batch it sees, and under data
-    parallelism each dp rank sees its slice (torch's SyncBatchNorm would use the global batch, but it refuses CPU
-    tensors). So the reference runs each dp slice through the model separately and averages the gradients, as
-    the dp ranks do; its running statistics are updated by this rank's slice only (the others' updates are
-    undone), as this rank's are under FSDP2 (DDP instead broadcasts rank 0's buffers before each forward)."""
-    dp = plan.mesh.dp
+    """BatchNorm in training mode normalises with the statistics of the batch it sees: under data parallelism
+    each dp rank's slice, and with micro-batches (gradient accumulation, pipelines) each micro-batch of it
+    (torch's SyncBatchNorm would use the global batch, but it refuses CPU tensors). So the reference runs each
+    micro-batch of each dp slice through the model separately and averages the gradients, as the ranks do; its
+    running statistics are updated by this rank's micro-batches only (the other slices' updates are undone), as
+    this rank's are under FSDP2 (DDP instead broadcasts rank 0's buffers before each forward)."""
+    dp, count = plan.mesh.dp, plan.pipeline.num_microbatches
     losses = []
     for index in range(dp):
         kept = None if index == dp_rank else [(b, b.clone()) for b in reference.model.buffers()]
-        loss = reference.loss_fn(reference.model(*(t.chunk(dp)[index] for t in inputs)), targets.chunk(dp)[index])
-        (loss / dp).backward()
-        losses.append(loss.detach())
+        slice_inputs, slice_targets = [t.chunk(dp)[index] for t in inputs], targets.chunk(dp)[index]
+        for micro in range(count):
+            loss = reference.loss_fn(reference.model(*(t.chunk(count)[micro] for t in slice_inputs)),
+                                     slice_targets.chunk(count)[micro])
+            (loss / (dp * count)).backward()
+            losses.append(loss.detach())
         for buffer, value in kept or []:
             buffer.copy_(value)
     return torch.stack(losses).mean()
@@ -95,7 +99,7 @@ def reference_forward_backward(reference, plan: Plan, step: int, dp_rank: int = 
     param_dtype (what `MixedPrecisionPolicy` all-gathers) and reduce its gradients in fp32.
     """
     inputs, targets = reference.make_batch(reference.global_batch_size, step)
-    if plan.mesh.dp > 1 and has_batchnorm(reference.model):
+    if (plan.mesh.dp > 1 or plan.pipeline.num_microbatches > 1) and has_batchnorm(reference.model):
         return batchnorm_reference_forward_backward(reference, plan, inputs, targets, dp_rank)
     if plan.precision.param_dtype == "float32":  # full precision: the default dtype (float64 tests too)
         loss = reference.loss_fn(reference.model(*inputs), targets)

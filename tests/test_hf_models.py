@@ -3,7 +3,8 @@ weights, nothing downloaded) plan for 4 ranks on the `cpu` cluster and train on 
 
 One torchrun launch for all models (tests/parity_worker.py; pipeline plans go to
 pipeline_parity_worker.compare_plan) runs each model's planner-chosen plan and meshes pinned so that tensor
-parallelism (GPT-2's transformers Conv1D, Llama, BERT, ViT) and a pipeline (Llama, 2 stages x dp2) run, 3 AdamW
+parallelism (GPT-2's transformers Conv1D, Llama, BERT, ViT) and pipelines (Llama, ViT, ResNet: 2 stages x dp2,
+2 micro-batches, 1F1B) run, 3 AdamW
 steps each in float64, comparing the global-batch
 loss and every gradient at each step and every parameter and floating buffer (BatchNorm running statistics,
 rotary tables) at the end, as relative errors of the difference's norm per tensor (parity_worker.rel_diff): loss,
@@ -12,9 +13,10 @@ parameters within 1e-8: BERT's and ViT's attention key biases have zero gradient
 cancels them), so their gradients are ~1e-17 rounding noise that Adam (eps 1e-8) turns into ~1e-12 updates, which
 differ between summation orders by ~1e-15, 1e-9 of parity_worker's 1e-6 norm floor.
 
-ResNet's BatchNorm (train mode, plain BatchNorm2d): each dp rank normalises with its own slice's statistics, so
-the reference runs each dp slice separately and averages gradients, and its running statistics follow this rank's
-slice (tests/parity_worker.batchnorm_reference_forward_backward; SyncBatchNorm refuses CPU tensors).
+ResNet's BatchNorm (train mode, plain BatchNorm2d): each dp rank normalises each micro-batch of its slice with that
+micro-batch's statistics, so the reference does the same per micro-batch and averages gradients, and its running
+statistics follow this rank's micro-batches (parity_worker.batchnorm_reference_forward_backward; SyncBatchNorm
+refuses CPU tensors).
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ PINNED = {
     "llama": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
               "pp2xdp2": lambda m: pipeline_plan(m, 2, 2, 1, "1f1b", 2, ("llama.model.layers.1",))},
     "bert": {"dp2xtp2": lambda m: pinned_tensor_parallel(m)},
-    "vit": {"dp2xtp2": lambda m: pinned_tensor_parallel(m)},
-    "resnet": {},
+    "vit": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
+            "pp2xdp2": lambda m: pipeline_plan(m, 2, 2, 1, "1f1b", 2, ("vit.vit.layers.1",))},
+    "resnet": {"pp2xdp2": lambda m: pipeline_plan(m, 2, 2, 1, "1f1b", 2, ("resnet.resnet.encoder.stages.1",))},
 }
 
 
