@@ -144,6 +144,10 @@ def run_plan(plan_path: str, steps: int) -> dict:
         return compare_plan(plan_path, steps)
     plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
     model = build_parallel_model(plan, spec, mesh)
+    # taken before the first forward: DDP's tensor-parallel path (_pre_dp_module_transform) swaps the local
+    # Parameters it trains for plain DTensor attributes in every forward, so model.named_parameters() afterwards
+    # no longer lists the tensor-parallel ones
+    named_params = list(model_parameters(model))
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     dp_rank = mesh["dp"].get_local_rank()
@@ -161,7 +165,7 @@ def run_plan(plan_path: str, steps: int) -> dict:
         global_loss /= plan.mesh.dp
         losses.append((global_loss.item(), ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(global_loss.item() - ref_loss.item()) / abs(ref_loss.item()))
-        for name, p in model_parameters(model):
+        for name, p in named_params:
             diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], worst_names["grad"] = diff, f"{name} at step {step}"
@@ -169,7 +173,7 @@ def run_plan(plan_path: str, steps: int) -> dict:
         opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
-    for name, p in model_parameters(model):
+    for name, p in named_params:
         diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
@@ -180,7 +184,7 @@ def run_plan(plan_path: str, steps: int) -> dict:
             diff = rel_diff(full(b), ref_buffers[name])
             if diff > worst.setdefault("buffer", 0.0):
                 worst["buffer"], worst_names["buffer"] = diff, name
-    tp_shards = {name: dim for name, p in model_parameters(model) if (dim := tensor_parallel_dim(p)) is not None}
+    tp_shards = {name: dim for name, p in named_params if (dim := tensor_parallel_dim(p)) is not None}
     return {"worst": worst, "where": worst_names, "losses": losses, "tp_shards": tp_shards,
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 

@@ -22,7 +22,10 @@ refuses CPU tensors).
 from __future__ import annotations
 
 import functools
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,7 @@ from planner.capture import CaptureError, capture_training_step
 from planner.evaluate_config import allowed_stage_starts
 from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
+from planner.plan import DataParallelPlan
 from planner.plan_schema import PlanError
 from planner.tensor_parallel_units import TensorParallelUnit
 
@@ -56,8 +60,15 @@ def pinned_tensor_parallel(model: str):
     return result
 
 
+def with_ddp(result):
+    result.data_parallel = DataParallelPlan(kind="ddp")
+    result.validate("test")
+    return result
+
+
 PINNED = {
-    "gpt2": {"dp2xtp2": lambda m: pinned_tensor_parallel(m)},
+    "gpt2": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
+             "dp2xtp2_ddp": lambda m: with_ddp(pinned_tensor_parallel(m))},
     "llama": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
               "pp2xdp2": lambda m: pipeline_plan(m, 2, 2, 1, "1f1b", 2, ("llama.model.layers.1",))},
     "bert": {"dp2xtp2": lambda m: pinned_tensor_parallel(m)},
@@ -103,7 +114,20 @@ def test_hf_model_trains_like_one_process(name, parity_results):
         for quantity, worst in result["worst"].items():
             assert worst < TOLERANCE[quantity], (key, quantity, result)
     if name in EXPECTED_TP_SHARDS:
-        assert results["dp2xtp2"]["tp_shards"] == EXPECTED_TP_SHARDS[name]
+        for key in results:
+            if key.startswith("dp2xtp2"):
+                assert results[key]["tp_shards"] == EXPECTED_TP_SHARDS[name], key
+
+
+@pytest.mark.parametrize("script", ["hf_llama.py", "resnet.py"])
+def test_example_script_plans_and_trains(script):
+    """The examples run as documented (`python examples/X.py --world-size N --steps N`): plan, train, report."""
+    completed = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--world-size", "2", "--steps", "2"],
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert re.search(r"trained 2 steps: loss \d+\.\d+ -> \d+\.\d+", completed.stdout), completed.stdout
+    assert "ran 2 steps on 2 ranks" in completed.stdout, completed.stdout
 
 
 def graph_of(name: str):
