@@ -44,7 +44,7 @@ class GPT2Logits(nn.Module):
 def build_gpt2() -> ModelSpec:
     """Transformers GPT-2, 2 layers, hidden 64, 4 heads, no dropout (parity needs deterministic forwards)."""
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+                        embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
     config._attn_implementation = "eager"
 
     def make_batch(batch_size: int, step: int):
