@@ -120,6 +120,10 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
             f"the {len(graph.layers)} layers of the chain. To make one exist: use a world size whose factors fit "
             "these limits, a global batch with more divisors, or a cluster profile with more devices per node.")
     pricer = ConfigPricer(model, graph, cluster)
+    if mesh is not None and mesh[0] > len(pricer.allowed_starts):
+        raise PlanError(f"pp={mesh[0]} cannot be cut: layers that share a parameter must sit on one pipeline stage "
+                        f"({_tied_description(model)}), which leaves {len(pricer.allowed_starts)} places a stage "
+                        "can start; use a smaller pp (or untie the weights)")
     ordered = sorted(range(len(configs)), key=lambda i: (lower_bound_s(pricer, configs[i]), i))
     best: ConfigResult | None = None
     best_per_shape: dict[tuple, ConfigResult] = {}
@@ -159,6 +163,14 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
             alternatives.append(AlternativeResult(exact, exact.config, _why_not(exact, best)))
     alternatives.sort(key=lambda a: a.result.step_time_s)
     return SearchResult(best, alternatives, len(configs), screened_count, solved_count)
+
+
+def _tied_description(model: nn.Module) -> str:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = [" = ".join(group) for group in names.values() if len(group) > 1]
+    return "tied: " + "; ".join(tied) if tied else "no tied parameters"
 
 
 def _infeasible(pricer: ConfigPricer, configs: list[ParallelConfig], cluster: Cluster) -> InfeasiblePlanError:

@@ -117,9 +117,11 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
             set_gradient_sync(model, plan, index == count - 1)
         if index > 0 and next_microbatch is not None:
             next_microbatch()
-        with forward_context(plan), autocast_context(plan, device):
-            loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
-        (loss / count).backward()
+        with forward_context(plan):  # backward too: it multiplies saved plain tensors (rotary cos/sin) with
+            # DTensor gradients, which needs the implicit replication the forward had
+            with autocast_context(plan, device):
+                loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
+            (loss / count).backward()
         part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / count
         total = part if total is None else total + part
     return total
