@@ -81,7 +81,7 @@ def check_checkpointing_supported(plan: Plan) -> None:
         raise PlanError("checkpointing a zero1 plan: ZeroRedundancyOptimizer keeps its AdamW state per rank in a "
                         "layout torch.distributed.checkpoint cannot reshard; use data_parallel.kind zero2 or zero3 "
                         "(same memory for optimizer states, DCP-compatible) or run without --checkpoint-dir")
-    if kind == "ddp" and plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers):
+    if kind == "ddp" and plan.uses_tensor_parallel:
         raise PlanError("checkpointing a ddp plan with tensor parallelism: DDP holds tensor-parallel parameters as "
                         "plain local shards, which torch.distributed.checkpoint's get_state_dict cannot save; use "
                         "data_parallel.kind zero2 or zero3, or tp = 1")

@@ -133,7 +133,7 @@ def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    tensor_parallel = plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers)
+    tensor_parallel = plan.uses_tensor_parallel
     # gradients live in DDP's all-reduce buckets instead of beside them: one gradient copy, as the cost model says
     if tensor_parallel:
         wrapped = DistributedDataParallel(model, device_mesh=mesh["dp"], gradient_as_bucket_view=True)

@@ -29,6 +29,7 @@ from runtime.memory_techniques import apply_activation_checkpointing, apply_acti
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.sequence_parallel import apply_sequence_parallel
+from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
 
 
 @dataclass
@@ -78,11 +79,12 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
 
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
-    """Shard `spec.model` per the plan: tensor (and sequence) parallel over tp, activation checkpointing and
+    """Shard `spec.model` per the plan: tensor (sequence, vocabulary) parallel over tp, activation checkpointing and
     offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
     zero1, else `spec.model`)."""
     device = mesh.device_type
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
+    apply_vocab_parallel(spec.model, plan, mesh["tp"])
     apply_sequence_parallel(spec.model, plan, mesh["tp"])
     apply_activation_checkpointing(spec.model, plan)
     apply_activation_offload(spec.model, plan, torch.device(device))
@@ -116,10 +118,12 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
             set_gradient_sync(model, plan, index == count - 1)
         if index > 0 and next_microbatch is not None:
             next_microbatch()
-        with forward_context(plan), autocast_context(plan, device):
-            loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
-        (loss / count).backward()
-        part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / count
+        with loss_context(plan):  # the loss and its backward, on vocabulary-sharded logits for a `vocab` head
+            with forward_context(plan), autocast_context(plan, device):
+                loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
+            (loss / count).backward()
+        value = loss_value(loss)
+        part = value.to(torch.promote_types(value.dtype, torch.float32)) / count
         total = part if total is None else total + part
     return total
 

@@ -36,6 +36,16 @@ def full(t: torch.Tensor, spec=None) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def sharded_over_tp(p: torch.Tensor) -> bool:
+    """A parameter split over the `tp` mesh axis (a DTensor, or the local shard DDP holds, tagged `_st_info`)."""
+    spec = getattr(p, "_st_info", None) or (p if isinstance(p, DTensor) else None)
+    if spec is None:
+        return False
+    names = spec.device_mesh.mesh_dim_names if isinstance(spec, DTensor) else spec.mesh.mesh_dim_names
+    return any(name == "tp" and placement.is_shard()
+               for name, placement in zip(names or (), spec.placements, strict=True))
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-12)).item()
 
@@ -93,6 +103,9 @@ def load_plan_and_reference(plan_path: str):
 def run_plan(plan_path: str, steps: int) -> dict:
     plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
     model = build_parallel_model(plan, spec, mesh)
+    # taken before the first forward: under ddp + tp, DDP's forward hooks re-register tensor-parallel
+    # parameters as plain DTensor attributes, so later `named_parameters()` calls no longer list them
+    params = list(model_parameters(model))
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     dp_rank = mesh["dp"].get_local_rank()
@@ -110,7 +123,7 @@ def run_plan(plan_path: str, steps: int) -> dict:
         global_loss /= plan.mesh.dp
         losses.append((global_loss.item(), ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(global_loss.item() - ref_loss.item()) / abs(ref_loss.item()))
-        for name, p in model_parameters(model):
+        for name, p in params:
             diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], worst_names["grad"] = diff, f"{name} at step {step}"
@@ -118,11 +131,13 @@ def run_plan(plan_path: str, steps: int) -> dict:
         opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
-    for name, p in model_parameters(model):
+    for name, p in params:
         diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
     return {"worst": worst, "where": worst_names, "losses": losses,
+            "tp_sharded": sorted(name for name, p in params if sharded_over_tp(p)),
+            "not_compared": sorted(set(ref_params) - {name for name, _ in params}),
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
 
