@@ -20,12 +20,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from runtime.data_parallel import DDP_KINDS, build_optimizer
+from runtime.materialize import build_reference
 from runtime.measure import PeakMemoryProbe
-from runtime.train import build_mesh, build_parallel_model, device_for, forward_backward, local_batch
+from runtime.train import (
+    build_mesh,
+    build_model_spec,
+    build_parallel_model,
+    device_for,
+    forward_backward,
+    local_batch,
+)
 
 
 def full(t: torch.Tensor, spec=None) -> torch.Tensor:
@@ -36,6 +44,10 @@ def full(t: torch.Tensor, spec=None) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 def sharded_over_tp(p: torch.Tensor) -> bool:
     """A parameter split over the `tp` mesh axis (a DTensor, or the local shard DDP holds, tagged `_st_info`)."""
     spec = getattr(p, "_st_info", None) or (p if isinstance(p, DTensor) else None)
@@ -44,6 +56,24 @@ def sharded_over_tp(p: torch.Tensor) -> bool:
     names = spec.device_mesh.mesh_dim_names if isinstance(spec, DTensor) else spec.mesh.mesh_dim_names
     return any(name == "tp" and placement.is_shard()
                for name, placement in zip(names or (), spec.placements, strict=True))
+
+
+class LargestTensorProbe(TorchDispatchMode):
+    """The most elements of any real (not meta) tensor an op returns while active: for a DTensor, its local
+    shard. Run around building the sharded model, it shows whether a rank ever made a full parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                local = t._local_tensor if isinstance(t, DTensor) else t
+                if local.device.type != "meta":
+                    self.largest_numel = max(self.largest_numel, local.numel())
+        return out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,20 +119,23 @@ def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor
 
 
 def load_plan_and_reference(plan_path: str):
-    """(plan, device, mesh, spec to shard, single-process reference spec), both specs from the plan's seed."""
+    """(plan, device, mesh, spec to shard, its init, single-process reference spec), both from the plan's seed:
+    the spec as the runtime builds it (on the meta device when it materialises shards only), the reference
+    whole with the same initial weights (runtime/materialize.py)."""
     plan = Plan.load(plan_path)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
-    torch.manual_seed(plan.seed)
-    spec = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
-    torch.manual_seed(plan.seed)
-    reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
-    return plan, device, mesh, spec, reference
+    spec, init = build_model_spec(plan, device, Path(plan_path).parent)
+    reference = build_reference(plan.model.source, plan.seed, Path(plan_path).parent)
+    return plan, device, mesh, spec, init, reference
 
 
 def run_plan(plan_path: str, steps: int) -> dict:
-    plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
-    model = build_parallel_model(plan, spec, mesh)
+    plan, device, mesh, spec, init, reference = load_plan_and_reference(plan_path)
+    with LargestTensorProbe() as probe_build:
+        model = build_parallel_model(plan, spec, mesh, init)
+    largest_built = torch.tensor(probe_build.largest_numel)
+    dist.all_reduce(largest_built, op=dist.ReduceOp.MAX)  # over every rank
     # taken before the first forward: under ddp + tp, DDP's forward hooks re-register tensor-parallel
     # parameters as plain DTensor attributes, so later `named_parameters()` calls no longer list them
     params = list(model_parameters(model))
@@ -137,6 +170,8 @@ def run_plan(plan_path: str, steps: int) -> dict:
             worst["param"], worst_names["param"] = diff, name
     return {"worst": worst, "where": worst_names, "losses": losses,
             "tp_sharded": sorted(name for name, p in params if sharded_over_tp(p)),
+            "largest_tensor_built_numel": int(largest_built), "materialized_shards_only": init is not None,
+            "local_parameter_numel": sum(local_numel(p) for _, p in params),
             "not_compared": sorted(set(ref_params) - {name for name, _ in params}),
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
