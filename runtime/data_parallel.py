@@ -139,6 +139,10 @@ def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
         wrapped = DistributedDataParallel(model, device_mesh=mesh["dp"], gradient_as_bucket_view=True)
     else:
         wrapped = DistributedDataParallel(model, process_group=mesh["dp"].get_group(), gradient_as_bucket_view=True)
+    # DDP's forward hooks re-register tensor-parallel parameters as plain DTensor attributes, so after the first
+    # forward `named_parameters()` no longer lists them: keep the names of the parameters DDP (and the optimizer)
+    # hold, for checkpoints (runtime/checkpointing.py)
+    wrapped.meshplan_parameters = list(model.named_parameters())
     reduce = plan.precision.reduce_dtype
     if reduce == "bfloat16":
         wrapped.register_comm_hook(mesh["dp"].get_group(), default_hooks.bf16_compress_hook)

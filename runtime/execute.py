@@ -22,7 +22,7 @@ from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, resume_step
+from runtime.checkpointing import CheckpointOptions, resume_step
 from runtime.report import RunReport
 from runtime.train import check_runtime_supports, run_rank
 
@@ -102,10 +102,8 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
         return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint)
 
     check_runtime_supports(plan)
-    if checkpoint is not None:
-        check_checkpointing_supported(plan)
-        if checkpoint.resume:
-            resume_step(checkpoint.directory, plan, steps)
+    if checkpoint is not None and checkpoint.resume:
+        resume_step(checkpoint.directory, plan, steps)
     check_plan_matches_model(plan, plan_dir)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from planner.model_spec import ModelSpec, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, load_checkpoint, save_checkpoint
+from runtime.checkpointing import CheckpointOptions, load_checkpoint, save_checkpoint
 from runtime.data_parallel import (
     DDP_KINDS,
     apply_data_parallel,
@@ -183,7 +183,6 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     check_runtime_supports(plan)
     if checkpoint is not None:
         checkpoint.validate()
-        check_checkpointing_supported(plan)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
     spec, init = build_model_spec(plan, device, plan_dir)

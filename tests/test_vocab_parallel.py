@@ -80,9 +80,12 @@ def test_memory_pressure_makes_the_ilp_shard_the_vocabulary():
     assert Plan.from_yaml(tight.to_yaml()) == tight
 
 
-def test_pipelines_are_never_offered_vocab_parallelism():
+def test_pipelines_are_never_offered_vocab_parallelism_and_refuse_it():
     result = plan(f"{MODELS}:build_wide_vocab_gpt", "cpu", 4, mesh=(2, 1, 2))
     assert all(layer.strategy != "vocab" for layer in result.layers)
+    result.layers[-1].strategy = "vocab"
+    with pytest.raises(PlanError, match=r"layers\[7\] \(head\) has strategy 'vocab'.*pp = 1"):
+        result.validate()
 
 
 @pytest.fixture(scope="module")
