@@ -54,6 +54,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_module, distri
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, load_cluster, save_cluster
+from .progress import ENV as PROGRESS_ENV
+from .progress import Progress
 
 _QUICK = {"matmul_sizes": (32, 128, 384), "copy_mib": (0.0625, 1, 16), "message_kib": (4, 64, 512, 2048),
           "repeats": 3, "min_time_s": 0.02}
@@ -77,24 +79,6 @@ class LinkFit:
 
 # ----------------------------------------------------------------------------------------------------------
 # Timing.
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn by rank 0 only."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            width = 30
-            filled = round(width * self.done / self.total)
-            sys.stderr.write(f"\rcalibrate [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                             f"{label:<40}")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -358,7 +342,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
     total = (3 + len(dtypes) * len(settings["matmul_sizes"]) + len(settings["copy_mib"])
              + (1 if device.type == "cuda" else 0)
              + len(collective_levels) * len(_COLLECTIVES) * len(settings["message_kib"]))
-    progress = Progress(total, enabled=rank == 0)
+    progress = Progress("calibrate", total, enabled=rank == 0)
     lines: list[str] = []
 
     one = torch.ones(1, device=device)
@@ -458,6 +442,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         host_link=host_link,
         intra_node=links["intra_node"], inter_node=links["inter_node"],
         collective_links={**base.collective_links, **overrides})
+    progress.finish(f"measured {progress.done} quantities")
     return profile, lines
 
 
@@ -518,12 +503,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="ranks to start when not inside torchrun (default: GPUs, or 2 on CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller sizes (seconds, for CI)")
+    parser.add_argument("--progress", action="store_true", help="draw the progress bar on stderr even when it is "
+                                                                f"not a terminal (same as {PROGRESS_ENV}=1)")
 
 
 def calibrate(args: argparse.Namespace) -> None:
     """Entry point of `meshplan calibrate` and `python -m costmodel.calibrate`."""
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise ClusterError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if getattr(args, "progress", False):
+        os.environ[PROGRESS_ENV] = "1"  # the torchrun ranks launched below inherit it
     if inside_torchrun():
         run_in_torchrun(args.out, args.base, args.quick, args.name)
     else:

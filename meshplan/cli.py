@@ -1,7 +1,9 @@
-"""The `meshplan` command: plan, show, execute, calibrate.
+"""The `meshplan` command: plan, show, validate, diff, execute, calibrate.
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
-    meshplan show plan.yaml
+    meshplan show plan.yaml [--why] [--timeline FILE.png]
+    meshplan validate plan.yaml examples/gpt.py:build_gpt --cluster cpu
+    meshplan diff a.yaml b.yaml
     meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
 
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 from costmodel import ClusterError
+from costmodel.progress import ENV as PROGRESS_ENV
+from meshplan.show import format_plan
 from planner.capture import CaptureError
 from planner.model_spec import ModelSpecError
 from planner.plan import Plan
@@ -45,35 +49,6 @@ def _mesh(text: str) -> tuple[int, int, int]:
     return sizes if len(sizes) == 3 else (1, *sizes)
 
 
-def format_plan(plan: Plan, why: bool = False) -> str:
-    """A readable summary of a plan: mesh, layers with their choices, predictions (and alternatives if `why`)."""
-    p = plan.predicted
-    lines = [f"model    {plan.model.source}  ({plan.model.num_parameters:,} parameters, "
-             f"global batch {plan.model.global_batch_size})",
-             f"cluster  {plan.cluster.get('name')}  world size {plan.world_size}",
-             f"mesh     pp={plan.mesh.pp} x dp={plan.mesh.dp} x tp={plan.mesh.tp}  (data parallel: "
-             f"{plan.data_parallel.kind}, schedule {plan.pipeline.schedule}, {plan.pipeline.num_microbatches} "
-             f"micro-batches of {plan.micro_batch_size}, {plan.precision.param_dtype})", "",
-             f"{'layer':<24}{'stage':>5}  {'strategy':<11}{'checkpoint':<11}{'time (ms)':>11}{'memory (MiB)':>14}"
-             "  tensor-parallel units"]
-    for layer in plan.layers:
-        units = "; ".join(f"{','.join(u.colwise)} -> {u.rowwise}" for u in layer.tensor_parallel)
-        extras = (" +sp" if layer.sequence_parallel else "") + (" +offload" if layer.offload_activations else "")
-        lines.append(f"{layer.path or '<root>':<24}{layer.stage:>5}  {layer.strategy:<11}{layer.checkpoint:<11}"
-                     f"{layer.predicted_time_ms:>11.3f}{layer.predicted_memory_mib:>14.3f}  {units}{extras}")
-    lines += ["", f"predicted step time  {p.step_time_ms:.3f} ms  (compute {p.compute_ms:.3f} incl. recompute "
-                  f"{p.recompute_ms:.3f}, communication {p.communication_ms:.3f}, pipeline bubble "
-                  f"{p.bubble_ms:.3f}, optimizer {p.optimizer_ms:.3f})",
-              f"predicted peak memory {p.peak_memory_mib:.3f} MiB per device of {p.memory_limit_mib:.1f} allowed "
-              f"(parameters {p.parameters_mib:.3f}, gradients {p.gradients_mib:.3f}, optimizer states "
-              f"{p.optimizer_states_mib:.3f}, activations and buffers {p.activations_mib:.3f})"]
-    if why:
-        lines += ["", "alternatives considered (best of each other shape):"]
-        lines += [f"  {a.summary:<52} {a.step_time_ms:>10.3f} ms {a.peak_memory_mib:>10.3f} MiB  {a.why_not}"
-                  for a in plan.alternatives] or ["  none: the mesh and data-parallel flavour were pinned"]
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshplan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,10 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of parameters; not float32 means mixed precision with fp32 master weights")
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
+    p.add_argument("--progress", action="store_true", help="draw the search's progress bar on stderr even when it "
+                                                           "is not a terminal (same as MESHPLAN_PROGRESS=1)")
     s = sub.add_parser("show", help="print a plan as tables")
     s.add_argument("plan")
     s.add_argument("--why", action="store_true", help="also list the alternatives the search priced and why "
                                                       "each lost")
+    s.add_argument("--timeline", metavar="FILE.png", help="also draw the pipeline schedule (one row per pipeline "
+                                                          "rank, predicted times) to this image")
+    v = sub.add_parser("validate", help="check a (hand-edited) plan against the model and cluster and price it "
+                                        "again with the planner's cost model")
+    v.add_argument("plan")
+    v.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
+    v.add_argument("--cluster", required=True, help="preset name or cluster YAML to check and price against")
+    d = sub.add_parser("diff", help="what changed between two plans and the predicted effect")
+    d.add_argument("plan_a")
+    d.add_argument("plan_b")
+    d.add_argument("--model", help="re-cost both plans for this MODEL (with --cluster) instead of comparing the "
+                                   "predictions recorded in the files (stale in a hand-edited plan)")
+    d.add_argument("--cluster", help="preset name or cluster YAML for --model")
     e = sub.add_parser("execute", help="train with a plan across ranks (starts torchrun when needed)")
     e.add_argument("plan")
     e.add_argument("--steps", type=_positive_int, default=5)
@@ -112,13 +102,43 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from planner.api import plan
 
+        if args.progress:
+            os.environ[PROGRESS_ENV] = "1"
         result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
         result.save(args.out)
         print(format_plan(result))
         print(f"\nwrote {args.out}")
         return 0
     if args.command == "show":
-        print(format_plan(Plan.load(args.plan), why=args.why))
+        shown = Plan.load(args.plan)
+        print(format_plan(shown, why=args.why))
+        if args.timeline:
+            from meshplan.timeline import draw_timeline
+
+            draw_timeline(shown, args.timeline)
+            print(f"\nwrote {args.timeline}" + ("" if shown.mesh.pp > 1 else " (pp = 1: no pipeline, one row)"))
+        return 0
+    if args.command == "validate":
+        from meshplan.validate import check_fits, validate_plan
+
+        text, checked, recosted = validate_plan(args.plan, args.model, args.cluster)
+        print(text)
+        check_fits(args.plan, checked, recosted)
+        print(f"\n{args.plan} fits: peak {recosted.prediction.peak_memory_mib:,.3f} MiB of "
+              f"{recosted.prediction.memory_limit_mib:,.1f} MiB per device")
+        return 0
+    if args.command == "diff":
+        from meshplan.diff import format_diff
+
+        a, b = Plan.load(args.plan_a), Plan.load(args.plan_b)
+        if (args.model is None) != (args.cluster is None):
+            raise PlanError("diff: give --model and --cluster together to re-cost both plans, or neither")
+        if args.model is not None:
+            from meshplan.validate import recost_file
+
+            a.predicted = recost_file(a, args.model, args.cluster).prediction
+            b.predicted = recost_file(b, args.model, args.cluster).prediction
+        print(format_diff(a, b, args.plan_a, args.plan_b, recosted=args.model is not None))
         return 0
     if args.command == "execute":
         from runtime.execute import execute, inside_torchrun, run_plan_in_torchrun

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from costmodel import Cluster, load_cluster
-from planner.evaluate_config import stages_of_layers
+from planner.evaluate_config import ConfigResult, stages_of_layers
 from planner.model_graph import ModelGraph, build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import (
@@ -18,6 +18,7 @@ from planner.plan import (
     Plan,
     PrecisionPlan,
     Prediction,
+    StagePrediction,
     TensorParallelUnitPlan,
 )
 from planner.plan_schema import PlanError
@@ -63,25 +64,14 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
     config = best.config
     stage_of = stages_of_layers(best.stage_starts, len(graph.layers))
     layers = []
-    for i, layer in enumerate(graph.layers):
-        priced = best.choice[i]
-        option = priced.option
+    for i, (layer, (time_ms, memory_mib)) in enumerate(zip(graph.layers, layer_predictions(best), strict=True)):
+        option = best.choice[i].option
         units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
             if option.strategy == "tensor" else []
-        memory = priced.state_bytes + priced.micro.activation_bytes
         layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
                                 sequence_parallel=option.sequence_parallel, stage=stage_of[i],
                                 checkpoint=option.checkpoint, offload_activations=option.offload_activations,
-                                predicted_time_ms=_ms(priced.unit_time_s * config.num_microbatches),
-                                predicted_memory_mib=_mib(memory)))
-    b, m = best.breakdown_s, best.memory_bytes
-    prediction = Prediction(
-        step_time_ms=_ms(best.step_time_s), compute_ms=_ms(b["compute_s"]),
-        communication_ms=_ms(b["communication_s"]), optimizer_ms=_ms(b["optimizer_s"]),
-        peak_memory_mib=_mib(best.peak_memory_bytes), parameters_mib=_mib(m["parameters"]),
-        gradients_mib=_mib(m["gradients"]), optimizer_states_mib=_mib(m["optimizer_states"]),
-        activations_mib=_mib(m["activations"] + m["buffers"]), memory_limit_mib=_mib(cluster.usable_memory_bytes),
-        bubble_ms=_ms(b["bubble_s"]), recompute_ms=_ms(b["recompute_s"]))
+                                predicted_time_ms=time_ms, predicted_memory_mib=memory_mib))
     alternatives = [Alternative(summary=a.config.summary, step_time_ms=_ms(a.result.step_time_s),
                                 peak_memory_mib=_mib(a.result.peak_memory_bytes), why_not=a.why_not)
                     for a in found.alternatives]
@@ -95,4 +85,28 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
         precision=PrecisionPlan(param_dtype=config.param_dtype),
         pipeline=PipelinePlan(schedule=config.schedule, num_microbatches=config.num_microbatches,
                               virtual_stages=config.virtual_stages),
-        layers=layers, predicted=prediction, alternatives=alternatives, seed=seed)
+        layers=layers, predicted=prediction_of(best, cluster), alternatives=alternatives, seed=seed)
+
+
+def layer_predictions(result: ConfigResult) -> list[tuple[float, float]]:
+    """(predicted_time_ms, predicted_memory_mib) of every layer of a solved configuration, as a plan records
+    them: its unit time over the step's micro-batches, and its model states plus one micro-batch's kept
+    activations."""
+    m = result.config.num_microbatches
+    return [(_ms(c.unit_time_s * m), _mib(c.state_bytes + c.micro.activation_bytes)) for c in result.choice]
+
+
+def prediction_of(result: ConfigResult, cluster: Cluster, step_time_s: float | None = None) -> Prediction:
+    """The plan's Prediction of a priced configuration (ConfigPricer.predict), rounded as plans store it.
+
+    `step_time_s` replaces the result's step time (infinite when it does not fit in memory)."""
+    b, m = result.breakdown_s, result.memory_bytes
+    return Prediction(
+        step_time_ms=_ms(result.step_time_s if step_time_s is None else step_time_s), compute_ms=_ms(b["compute_s"]),
+        communication_ms=_ms(b["communication_s"]), optimizer_ms=_ms(b["optimizer_s"]),
+        peak_memory_mib=_mib(result.peak_memory_bytes), parameters_mib=_mib(m["parameters"]),
+        gradients_mib=_mib(m["gradients"]), optimizer_states_mib=_mib(m["optimizer_states"]),
+        activations_mib=_mib(m["activations"]), memory_limit_mib=_mib(cluster.usable_memory_bytes),
+        bubble_ms=_ms(b["bubble_s"]), recompute_ms=_ms(b["recompute_s"]), buffers_mib=_mib(m["buffers"]),
+        offload_ms=_ms(b["offload_s"]),
+        stages=[StagePrediction(forward_ms=_ms(f), backward_ms=_ms(bw)) for f, bw in result.stage_times_s])

@@ -7,8 +7,11 @@ These follow what the runtime does (runtime/data_parallel.py), not the ideal ZeR
   until backward ends, gradients reduce-scattered, optimizer states sharded. Peak parameter memory is the
   full (tensor-parallel-local) size.
 - zero3: FSDP2 `fully_shard`: parameters gathered for forward and again for backward, per micro-batch;
-  only the largest layer is gathered at once. Under a pipeline the stage keeps its parameters gathered across
-  micro-batches (torch.distributed.pipelining defers resharding), so they are gathered once and held.
+  only the largest layer is gathered at once. Under a pipeline, torch.distributed.pipelining turns off
+  resharding after every backward but the last (`set_reshard_after_backward(False)`), so after the first
+  backward the stage holds its parameters gathered like zero2, while each forward still reshards: one gather
+  for the first forward and one per backward, m + 1 per step (counted in tests/test_fsdp_gathers.py).
+  Under a pipeline zero3 therefore costs zero2's memory and more gathers; the search prices it so.
 - Gradient accumulation (more than one micro-batch) with zero2/zero3 accumulates unsharded gradients and
   reduce-scatters once at the end (FSDP2 `set_requires_gradient_sync(False)` until the last micro-batch).
 - HSDP: sharded over groups of dp / replicate ranks, gradients then all-reduced across the replicas.
@@ -81,6 +84,21 @@ def gathered_buffer_bytes(largest_layer_local_params: int, setup: DataParallelSe
     return largest_layer_local_params * dtype_bytes(setup.param_dtype)
 
 
+def parameter_gathers_per_step(setup: DataParallelSetup) -> int:
+    """All-gathers of one FSDP2 group's parameters per optimizer step (zero2 / zero3; see the module docstring).
+
+    zero2: once per micro-batch (gathered for forward, kept through backward, resharded after it), and once
+    per step under a pipeline (kept across micro-batches). zero3: forward and backward of every micro-batch,
+    2m; under a pipeline m + 1 (every forward reshards, only the last backward does).
+    """
+    m = setup.num_microbatches
+    if setup.kind == "zero2":
+        return 1 if setup.pipelined else m
+    if setup.kind == "zero3":
+        return m + 1 if setup.pipelined else 2 * m
+    return 0
+
+
 def data_parallel_time_s(local_num_params: int, setup: DataParallelSetup, cluster: Cluster) -> tuple[float, float]:
     """(gather_s, reduce_s): parameter all-gathers and gradient reductions of one device per step.
 
@@ -100,11 +118,7 @@ def data_parallel_time_s(local_num_params: int, setup: DataParallelSetup, cluste
         reduce_s = all_reduce_time_s(grad_bytes, shard_group, cluster)
         gather_s = all_gather_time_s(param_bytes, shard_group, cluster)
     else:
-        if setup.keeps_parameters_gathered:
-            gathers = 1 if setup.pipelined else setup.num_microbatches
-        else:
-            gathers = 2 * setup.num_microbatches
-        gather_s = gathers * all_gather_time_s(param_bytes, shard_group, cluster)
+        gather_s = parameter_gathers_per_step(setup) * all_gather_time_s(param_bytes, shard_group, cluster)
         reduce_s = reduce_scatter_time_s(grad_bytes, shard_group, cluster)
     if setup.replicate > 1:
         reduce_s += all_reduce_time_s(grad_bytes / setup.shard_degree, replica_group, cluster)

@@ -96,7 +96,11 @@ class ConfigResult:
     """Other pipeline cuts worth solving exactly (the screening's runner-up)."""
     peak_memory_bytes: int = 0
     breakdown_s: dict[str, float] = field(default_factory=dict)
+    """Slowest rank's step: compute_s (incl. recompute_s), communication_s, offload_s, optimizer_s, bubble_s."""
     memory_bytes: dict[str, int] = field(default_factory=dict)
+    """Fullest rank's peak: parameters, gradients, optimizer_states, activations, buffers."""
+    stage_times_s: list[tuple[float, float]] = field(default_factory=list)
+    """(forward, backward) seconds per micro-batch of every stage."""
 
     @property
     def feasible(self) -> bool:
@@ -325,9 +329,10 @@ class ConfigPricer:
                 slowest = (total, {
                     "compute_s": m * sum(c.micro.compute_s + c.micro.recompute_s for c in members),
                     "recompute_s": m * sum(c.micro.recompute_s for c in members),
-                    "communication_s": m * (sum(c.micro.tp_communication_s + c.micro.offload_s for c in members)
-                                            + p2p_s)
-                    + sum(c.step_communication_s + c.state_offload_s for c in members),
+                    "communication_s": m * (sum(c.micro.tp_communication_s for c in members) + p2p_s)
+                    + sum(c.step_communication_s for c in members),
+                    "offload_s": m * sum(c.micro.offload_s for c in members)
+                    + sum(c.state_offload_s for c in members),
                     "optimizer_s": sum(c.optimizer_s for c in members),
                     "bubble_s": (factor - m) * micro_s})
             activations = sum(in_flight[stage_of[i]] * choice[i].micro.activation_bytes
@@ -342,7 +347,21 @@ class ConfigPricer:
                 peak, memory = sum(parts.values()), parts
         step = slowest[0] if peak <= self.cluster.usable_memory_bytes * (1 + 1e-9) else math.inf
         return ConfigResult(config, step, starts, choice=list(choice), peak_memory_bytes=peak,
-                            breakdown_s=slowest[1], memory_bytes=memory)
+                            breakdown_s=slowest[1], memory_bytes=memory,
+                            stage_times_s=self.stage_times_s(config, starts, choice))
+
+    def stage_times_s(self, config: ParallelConfig, starts: list[int],
+                      choice: list[PricedOption]) -> list[tuple[float, float]]:
+        """(forward, backward) seconds of every stage for one micro-batch: its layers' time split by
+        OptionCost.forward_s, plus half its pipeline send each way. The pipeline timeline draws these."""
+        stage_of = stages_of_layers(starts, len(self.layers))
+        times = []
+        for stage, start in enumerate(starts):
+            members = [c for c, s in zip(choice, stage_of, strict=True) if s == stage]
+            half_p2p_s = self.p2p_s(config, start) / 2
+            forward_s = sum(c.micro.forward_s for c in members) + half_p2p_s
+            times.append((forward_s, sum(c.micro.time_s for c in members) + 2 * half_p2p_s - forward_s))
+        return times
 
 
 def even_stage_starts(num_layers: int, num_stages: int) -> list[int]:

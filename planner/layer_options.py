@@ -80,6 +80,9 @@ class OptionCost:
     """Activations live while this layer runs (what checkpointing rematerialises for backward)."""
     local_num_params: int
     """Parameters on this device after tensor-parallel sharding (before data-parallel sharding)."""
+    forward_s: float = 0.0
+    """The forward's share of time_s: forward compute, its tensor-parallel all-reduce, half the offload
+    traffic (the rest runs in backward). Only the pipeline timeline uses it."""
 
     @property
     def time_s(self) -> float:
@@ -164,7 +167,8 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
                       offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
                       # norm parameters stay replicated under sequence parallelism: only units shard weights
-                      local_num_params=int(per_rank(layer.num_params, layer.tp_num_params, shard)))
+                      local_num_params=int(per_rank(layer.num_params, layer.tp_num_params, shard)),
+                      forward_s=fwd_s + allreduce_s + offload_s / 2)
 
 
 def _vocab_communication_s(layer: LayerFacts, tp: int, bytes_scale: float, fwd_s: float, bwd_s: float,

@@ -126,23 +126,53 @@ class LayerPlan:
 
 
 @dataclass
+class StagePrediction:
+    """Predicted time of one pipeline stage for one micro-batch (what `meshplan show --timeline` draws)."""
+
+    forward_ms: float
+    """Forward of the stage's layers, its tensor-parallel all-reduces, offload of saved activations and the
+    send of its input's share of pipeline traffic (half of the stage's p2p time)."""
+    backward_ms: float
+    """Backward, recomputation of checkpointed layers, the rest of the all-reduces, offload and p2p."""
+
+
+@dataclass
 class Prediction:
-    """Predicted per-step time and per-device memory of the whole plan."""
+    """Predicted per-step time and per-device memory of the whole plan.
+
+    Time is the slowest pipeline rank's step: step_time_ms = compute_ms + communication_ms + offload_ms +
+    optimizer_ms + bubble_ms. Memory is the fullest rank's peak: peak_memory_mib = parameters_mib +
+    gradients_mib + optimizer_states_mib + activations_mib + buffers_mib.
+
+    Fields added within schema version 2 (`buffers_mib`, `offload_ms`, `stages`) are optional: a plan written
+    before them loads with None / [] and then `activations_mib` includes the buffers and `communication_ms`
+    the offload time, as those plans counted them.
+    """
 
     step_time_ms: float
     compute_ms: float
+    """Forward and backward of the layers, including recompute_ms."""
     communication_ms: float
+    """Exposed tensor-parallel, data-parallel and pipeline communication (and offload when offload_ms is None)."""
     optimizer_ms: float
     peak_memory_mib: float
     parameters_mib: float
     gradients_mib: float
     optimizer_states_mib: float
     activations_mib: float
+    """Saved activations of the micro-batches in flight (and the buffers when buffers_mib is None)."""
     memory_limit_mib: float
     bubble_ms: float = 0.0
     """Pipeline idle time per step (included in step_time_ms)."""
     recompute_ms: float = 0.0
     """Forward recomputation of checkpointed layers (included in compute_ms)."""
+    buffers_mib: float | None = None
+    """Working buffers at the peak: the largest gathered ZeRO-3 layer and what a checkpointed layer
+    rematerialises for its backward."""
+    offload_ms: float | None = None
+    """Host<->device traffic of offloaded activations and model states, not hidden behind compute."""
+    stages: list[StagePrediction] = field(default_factory=list)
+    """Per pipeline stage (index = stage), time per micro-batch; one entry when pp = 1."""
 
 
 @dataclass

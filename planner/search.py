@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from costmodel import Cluster
+from costmodel.progress import Progress
 from planner.config_space import ParallelConfig, enumerate_configs
 from planner.data_parallel_costs import rank_state_bytes
 from planner.evaluate_config import ConfigPricer, ConfigResult, pipeline_step_factor
@@ -89,7 +90,7 @@ def _why_not(alt: ConfigResult, best: ConfigResult) -> str:
     if abs(slower) < 1e-9:
         return "ties with the chosen plan; the chosen one comes first in the search order"
     diffs = {name.removesuffix("_s"): alt.breakdown_s.get(name, 0.0) - best.breakdown_s.get(name, 0.0)
-             for name in ("compute_s", "communication_s", "bubble_s", "optimizer_s")}
+             for name in ("compute_s", "communication_s", "offload_s", "bubble_s", "optimizer_s")}
     worst = max(diffs, key=lambda k: diffs[k])
     return (f"{slower:+.1%} step time; most of it is {worst} "
             f"({diffs[worst] * 1e3:+.3f} ms against the chosen plan)")
@@ -118,10 +119,14 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
     best: ConfigResult | None = None
     best_per_shape: dict[tuple, ConfigResult] = {}
     screened_count = solved_count = 0
-    for index in ordered:
+    progress = Progress("plan", len(configs))
+    for visited, index in enumerate(ordered):
         config = configs[index]
         if best is not None and lower_bound_s(pricer, config) >= best.step_time_s:
+            progress.finish(f"stopped after {visited} of {len(configs)}: the rest cannot beat "
+                            f"{best.step_time_s * 1e3:.3f} ms")
             break
+        progress.step(config.summary + ("" if best is None else f"  (best {best.step_time_s * 1e3:.3f} ms)"))
         if not states_fit(graph, cluster, config):
             continue
         screened = pricer.screen(config)
@@ -137,6 +142,7 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
         solved_count += 1
         if exact.feasible and (best is None or exact.step_time_s < best.step_time_s * (1 - 1e-9)):
             best = exact
+    progress.finish(f"searched {len(configs)} configurations")
     if best is None:
         raise _infeasible(pricer, configs, cluster)
     alternatives = []

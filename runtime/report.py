@@ -36,7 +36,10 @@ class RunReport:
         mesh = {"pp": plan.mesh.pp, "dp": plan.mesh.dp, "tp": plan.mesh.tp}
         predicted = plan.predicted
         breakdown = {"Parameter": predicted.parameters_mib, "Gradient": predicted.gradients_mib,
-                     "Optstate": predicted.optimizer_states_mib, "Activation": predicted.activations_mib}
+                     "Optstate": predicted.optimizer_states_mib,
+                     # working buffers (rematerialised activations, gathered ZeRO-3 layers) as before they
+                     # were split out: the tracker has no category that matches them alone
+                     "Activation": predicted.activations_mib + (predicted.buffers_mib or 0.0)}
         return cls(world_size=plan.world_size, mesh=mesh, steps=steps,
                    losses=ranks[0].losses, predicted_step_time_ms=plan.predicted.step_time_ms,
                    measured_step_time_ms=max(median_step_time_s(r) for r in ranks) * 1e3,
@@ -73,8 +76,11 @@ class RunReport:
         lines += ["", f"{'':<26}{'predicted':>12}{'measured':>12}{'error':>9}"]
 
         def row(name: str, predicted: float, measured: float) -> str:
-            error = (predicted - measured) / measured if measured else float("nan")
-            return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error:>+9.0%}"
+            if measured:
+                error_text = f"{(predicted - measured) / measured:>+9.0%}"
+            else:  # nothing measured: an error ratio means nothing (0 predicted too is exact)
+                error_text = f"{'exact' if predicted == 0 else 'n/a':>9}"
+            return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error_text}"
 
         lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms))
         lines.append(row("peak memory (MiB/rank)", self.predicted_peak_memory_mib, self.measured_peak_memory_mib))

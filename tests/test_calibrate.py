@@ -40,10 +40,10 @@ def test_calibrate_writes_a_profile_that_plans_use(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     completed = subprocess.run(
         [sys.executable, "-m", "meshplan.cli", "calibrate", "--out", str(out), "--quick", "--nproc-per-node", "2",
-         "--name", "ci-cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "--name", "ci-cpu", "--progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     print(completed.stdout)  # the summary table, shown by pytest when an assertion below fails
-    assert "calibrate [" in completed.stderr  # the progress bar
+    assert "calibrate [" in completed.stderr  # the progress bar, forced by --progress (stderr is a pipe)
     assert "intra_node all_reduce" in completed.stdout and f"wrote {out}" in completed.stdout
     cluster = load_cluster(out)
     base = load_cluster("cpu")
