@@ -21,9 +21,11 @@ Which global indices a rank's shard holds comes from DTensor itself: for each te
 of an `arange` with that dim's placements (`Shard`, FSDP2's `_StridedShard` over a tensor-parallel shard)
 and `src_data_rank=None` (no communication) gives the local indices, and the shard is their product.
 
-Blind spots: a recipe is replayable only when every init op writes the whole parameter, is element-wise and
+Blind spots: a recipe is replayable only when the parameter was made by a plain factory (`FACTORY_RECIPES`:
+empty, zeros, ones, full, randn, rand) and every later init op writes the whole parameter, is element-wise and
 takes scalar arguments (the ops in `REPLAYABLE_OPS`); a model whose init writes part of a parameter (an
-Embedding's padding row), copies a tensor in (`orthogonal_`, pretrained weights) or that owns buffers
+Embedding's padding row), computes it (`torch.randn(n) * 0.02`), copies a tensor in (`orthogonal_`,
+pretrained weights) or that owns buffers
 (computed in the constructor, e.g. rotary tables) gets `None` from `build_spec_on_meta`, and the runtime builds
 it whole from the seed as before. Pipeline plans always do (stages are traced from a real model).
 """
@@ -60,37 +62,61 @@ class InitOp:
     kwargs: dict
 
 
+_aten = torch.ops.aten
+FACTORY_RECIPES = {
+    "empty": lambda args, kwargs: [],
+    "empty_strided": lambda args, kwargs: [],
+    "zeros": lambda args, kwargs: [InitOp(_aten.zero_.default, (), {})],
+    "ones": lambda args, kwargs: [InitOp(_aten.fill_.Scalar, (1.0,), {})],
+    "full": lambda args, kwargs: [InitOp(_aten.fill_.Scalar, (args[1],), {})],
+    "randn": lambda args, kwargs: [InitOp(_aten.normal_.default, (0.0, 1.0), {})],
+    "rand": lambda args, kwargs: [InitOp(_aten.uniform_.default, (0.0, 1.0), {})],
+}
+"""Factories a parameter may start from (`nn.Parameter(torch.ones(n))`), as the in-place ops that give the same
+distribution; a tensor made any other way (arange, a computation, a copy of real data) cannot be replayed."""
+
+
 class _InitRecorder(TorchDispatchMode):
-    """Records in-place ops per tensor storage while the constructor runs on meta tensors."""
+    """Records, per tensor storage, the factory that made it and the in-place ops applied to it while the
+    constructor runs on meta tensors."""
 
     def __init__(self):
         super().__init__()
         self.ops: dict[int, list[InitOp]] = {}
         self.unreplayable: set[int] = set()
-        self.targets: dict[int, tuple] = {}
+        self.targets: dict[int, set] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
         if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor):
             target = args[0]
             key = target.untyped_storage()._cdata
             scalars = all(not isinstance(a, torch.Tensor) for a in args[1:]) and all(
                 not isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "generator")
-            if func.overloadpacket.__name__ in REPLAYABLE_OPS and scalars and target.storage_offset() == 0:
-                self.ops.setdefault(key, []).append(
-                    InitOp(func, tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "generator"}))
+            if name in REPLAYABLE_OPS and scalars and target.storage_offset() == 0 and key in self.ops:
+                self.ops[key].append(InitOp(func, tuple(args[1:]),
+                                            {k: v for k, v in kwargs.items() if k != "generator"}))
                 self.targets.setdefault(key, set()).add(tuple(target.shape))
             else:
+                self.unreplayable.add(key)
+        elif isinstance(out, torch.Tensor) and not any(ret.alias_info for ret in func._schema.returns):
+            key = out.untyped_storage()._cdata
+            self.ops[key] = FACTORY_RECIPES[name](args, kwargs) if name in FACTORY_RECIPES else None
+            if self.ops[key] is None:
                 self.unreplayable.add(key)
         return out
 
     def recipe(self, param: torch.Tensor) -> list[InitOp] | None:
-        """The ops that initialised `param` in order, or None when they cannot be replayed block by block."""
+        """The ops that initialised `param` in order, or None when they cannot be replayed block by block
+        (made outside the recorder, by an op other than a known factory, or written in part)."""
         key = param.untyped_storage()._cdata
-        if key in self.unreplayable or self.targets.get(key, {tuple(param.shape)}) != {tuple(param.shape)}:
+        if key not in self.ops or key in self.unreplayable:
             return None
-        return self.ops.get(key, [])
+        if self.targets.get(key, {tuple(param.shape)}) != {tuple(param.shape)}:
+            return None
+        return self.ops[key]
 
 
 def _block_seed(seed: int, name: str, block: int) -> int:
