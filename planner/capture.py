@@ -12,6 +12,7 @@ differentiate through the autograd sequence number (`seq_nr`) that `preserve_nod
 
 from __future__ import annotations
 
+import re
 import traceback
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from planner.model_spec import ModelSpec
 
@@ -123,6 +125,38 @@ def _first_user_frame(err: BaseException) -> str:
     return "unknown location"
 
 
+_OP_PATTERN = re.compile(r"\b(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?|[A-Za-z0-9_]+::[A-Za-z0-9_.]+)")
+
+
+def describe_trace_failure(err: BaseException, attributor: _ModuleAttributor, model: nn.Module) -> str:
+    """The CaptureError message: the op that failed, the user's source line, the module running, and the fix."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    path = attributor.stack[-1] if attributor.stack else ""
+    try:
+        module_type = type(model.get_submodule(path)).__name__ if path else type(model).__name__
+    except AttributeError:
+        module_type = "?"
+    data_dependent = isinstance(err, GuardOnDataDependentSymNode) or "data-dependent" in text \
+        or "data dependent" in text
+    if data_dependent:
+        op = "aten._local_scalar_dense (reading a tensor's value: `.item()`, `bool(t)`, `int(t)`, `if t ...:`)"
+        fix = ("compute without reading values: `torch.where` / masks instead of `if`, sizes from shapes instead of "
+               "`.item()`, or `torch.cond` for a real branch")
+    else:
+        found = _OP_PATTERN.search(text)
+        op = found.group(1) if found else f"unknown ({type(err).__name__})"
+        fix = ("an op without a fake (meta) kernel needs one: `torch.library.register_fake`, or wrap the code in a "
+               "custom op that has one")
+    return (f"tracing the training step failed\n"
+            f"  op: {op}\n"
+            f"  at: {_first_user_frame(err)}\n"
+            f"  in module: {path or '<root>'} ({module_type})\n"
+            f"  error: {type(err).__name__}: {text}\n"
+            f"  what to do: meshplan traces forward and backward with make_fx on fake tensors (no real values); "
+            f"{fix}. Hugging Face models: call them with `use_cache=False` (no KV cache while training) and set "
+            f"`config._attn_implementation = \"eager\"` or \"sdpa\" (custom attention kernels do not trace).")
+
+
 def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
     """Trace forward + loss + backward of `spec.model` on a batch of `batch_size` samples, on fake tensors."""
     model = spec.model
@@ -151,13 +185,7 @@ def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
         with fx_traceback.preserve_node_meta():
             gm = make_fx(step, tracing_mode="fake")(params, buffers, inputs, targets)
     except Exception as err:
-        raise CaptureError(
-            f"tracing the training step failed at {_first_user_frame(err)}\n"
-            f"  {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-            "  meshplan traces with torch make_fx on fake tensors: code that reads tensor values (`.item()`, "
-            "data-dependent `if`), or an op without a fake/meta kernel, cannot be traced. Rewrite that line "
-            "without data-dependent control flow, or wrap it in a custom op with a fake kernel."
-        ) from err
+        raise CaptureError(describe_trace_failure(err, attributor, model)) from err
     finally:
         pre.remove()
         post.remove()

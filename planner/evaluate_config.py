@@ -61,6 +61,7 @@ from planner.layer_options import (
     price_layer_option,
     supports_tensor_parallel,
 )
+from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
@@ -126,6 +127,7 @@ class ConfigPricer:
             for k in self.kind_order:
                 self.prefix[k].append(self.prefix[k][-1] + (k == kind))
         self.first_of_kind = {k: self.kinds.index(k) for k in self.kind_order}
+        self.allowed_starts = allowed_stage_starts(model, self.layers)
         self.num_tensors = [sum(1 for _ in (model.get_submodule(layer.path) if layer.path else model).parameters())
                             if layer.num_params else 0 for layer in self.layers]
 
@@ -142,11 +144,18 @@ class ConfigPricer:
                 self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
                 self._vocab_ok[tp_key] = supports_vocab_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
-            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=not pipelined,
+            # the runtime's sequence parallelism (DTensor styles for nn.Linear) does not run Conv1D units
+            sequence_ok = not pipelined and not self._has_conv1d_units(layer)
+            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok,
                                     vocab_parallel_ok=self._vocab_ok[tp_key] and not pipelined)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
                                 for o in options]
         return self._micro[key]
+
+    def _has_conv1d_units(self, layer) -> bool:
+        prefix = f"{layer.path}." if layer.path else ""
+        return any(is_conv1d(self.model.get_submodule(prefix + rel))
+                   for unit in layer.tp_units for rel in (*unit.colwise, unit.rowwise))
 
     def min_micro_time_s(self, tp: int, micro_batch_size: int, param_dtype: str) -> float:
         """Sum over layers of their fastest time per micro-batch: the base of a configuration's lower bound."""
@@ -244,12 +253,22 @@ class ConfigPricer:
                 memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
             return memo[key]
 
+        # stages start only where no tied parameter would be split (allowed_starts): the partitioner cuts the
+        # chain of blocks between allowed starts, each block costed as its layers
+        starts_at = self.allowed_starts
+        if config.num_stages > len(starts_at):
+            return ConfigResult(config, math.inf, [])
+        bounds = starts_at + [len(self.layers)]
+
+        def block_cost(stage: int, start: int, end: int) -> float:
+            return segment_cost(stage, bounds[start], bounds[end])
+
         # the bottleneck cut balances stages; with virtual stages a rank runs several, and the even cut can
         # balance ranks better, so both are candidates
-        cuts = [even_stage_starts(len(self.layers), config.num_stages)]
-        found = partition_chain(len(self.layers), config.num_stages, segment_cost)
-        if found is not None and found[0] != cuts[0]:
-            cuts.insert(0, found[0])
+        cuts = [[bounds[b] for b in even_stage_starts(len(starts_at), config.num_stages)]]
+        found = partition_chain(len(starts_at), config.num_stages, block_cost)
+        if found is not None and [bounds[b] for b in found[0]] != cuts[0]:
+            cuts.insert(0, [bounds[b] for b in found[0]])
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
         priced = []
         for starts in cuts:
@@ -362,6 +381,24 @@ class ConfigPricer:
             forward_s = sum(c.micro.forward_s for c in members) + half_p2p_s
             times.append((forward_s, sum(c.micro.time_s for c in members) + 2 * half_p2p_s - forward_s))
         return times
+
+
+def allowed_stage_starts(model: nn.Module, layers: list) -> list[int]:
+    """Chain indices where a pipeline stage may start: 0, and every layer that does not split a tied parameter.
+
+    A parameter used by layers i < j (a head tied to the token embedding) must live on one stage, since the
+    pipeline runtime refuses a parameter shared by two stages (the copies' gradients would never be summed), so
+    no stage may start at i + 1 .. j. For GPT-2 (wte first, lm_head last) that leaves only pp = 1.
+    """
+    users: dict[int, list[int]] = {}
+    for index, layer in enumerate(layers):
+        if layer.path:
+            for p in model.get_submodule(layer.path).parameters():
+                users.setdefault(id(p), []).append(index)
+    forbidden: set[int] = set()
+    for indices in users.values():
+        forbidden.update(range(min(indices) + 1, max(indices) + 1))
+    return [i for i in range(len(layers)) if i == 0 or i not in forbidden]
 
 
 def even_stage_starts(num_layers: int, num_stages: int) -> list[int]:

@@ -38,6 +38,7 @@ from costmodel import (
     host_transfer_time_s,
     op_time_s,
 )
+from planner.linear_modules import linear_like_features
 from planner.model_graph import LayerFacts
 
 CHECKPOINTS = ("none", "selective", "full")
@@ -99,12 +100,12 @@ def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bo
     """True when every unit's column linears split their outputs, and the row linear its inputs, by tp."""
     if tp < 2 or not layer.tp_units:
         return False
+
+    def features(rel: str) -> tuple[int, int]:  # (in, out) of an nn.Linear or a transformers Conv1D
+        return linear_like_features(model.get_submodule(f"{layer.path}.{rel}" if layer.path else rel))
+
     for unit in layer.tp_units:
-        for rel in unit.colwise:
-            if model.get_submodule(f"{layer.path}.{rel}" if layer.path else rel).out_features % tp:
-                return False
-        row = model.get_submodule(f"{layer.path}.{unit.rowwise}" if layer.path else unit.rowwise)
-        if row.in_features % tp:
+        if any(features(rel)[1] % tp for rel in unit.colwise) or features(unit.rowwise)[0] % tp:
             return False
     return True
 

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import flop_registry
 
 from planner.capture import CapturedStep, capture_training_step
 from planner.layer_chain import find_layer_chain, repeated_stack_path
+from planner.linear_modules import is_linear_like
 from planner.model_spec import ModelSpec
 from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
 from planner.vocab_parallel import mark_vocab_parallel
@@ -249,11 +250,14 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         facts[layer].num_params += p.numel()
         facts[layer].param_bytes += p.numel() * p.element_size()
 
+    tied = _tied_parameter_names(model)
     tp_region: dict[str, bool] = {}
     node_by_name = {node.name: node for node in nodes}
     for path in chain:
         layer_nodes = {n for n, lay in layer_of_node.items() if lay == path and captured.phase[n] == "forward"}
         units = find_tensor_parallel_units(graph, path, layer_nodes, linear_outputs, linear_inputs)
+        units = [u for u in units if _unit_is_shardable(graph, path, u, linear_outputs, linear_inputs,
+                                                         captured.param_names, tied)]
         facts[path].tp_units = units
         for unit in units:
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
@@ -382,8 +386,9 @@ def _assign_layers(nodes: list[torch.fx.Node], captured: CapturedStep, chain: li
 
 
 def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict[str, str], dict[str, str]]:
-    """For each nn.Linear used in forward: the node producing its output and the node that is its input."""
-    linear_paths = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """For each nn.Linear (or transformers Conv1D) used in forward: the node producing its output and the node
+    that is its input."""
+    linear_paths = {name for name, m in model.named_modules() if is_linear_like(m)}
     outputs: dict[str, str] = {}
     inputs: dict[str, str] = {}
     for node in nodes:
@@ -402,6 +407,42 @@ def _find_linears(model: nn.Module, nodes, captured: CapturedStep) -> tuple[dict
         if last_users:
             outputs[node.name] = path
     return outputs, inputs
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    """Every name of a parameter reachable under more than one name (a head tied to the embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {name for group in names.values() if len(group) > 1 for name in group}
+
+
+def _unit_is_shardable(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, linear_outputs: dict[str, str],
+                       linear_inputs: dict[str, str], param_names: dict[str, str], tied: set[str]) -> bool:
+    """False for a unit the runtime cannot shard exactly:
+    - a parameter between its column and row linears (BERT's MLM head: dense -> LayerNorm -> decoder): the
+      LayerNorm normalises over the features the column split shards, and its parameters are not sharded;
+    - a linear whose weight is tied to another module (BERT's decoder is the word embedding): sharding it would
+      shard the embedding too.
+    """
+    def full(rel: str) -> str:
+        return f"{layer_path}.{rel}" if layer_path else rel
+
+    unit_paths = {full(c) for c in unit.colwise} | {full(unit.rowwise)}
+    if any(name.rpartition(".")[0] in unit_paths for name in tied):
+        return False
+    row_input = linear_inputs.get(full(unit.rowwise))
+    if row_input is None:
+        return False
+    between = nx.ancestors(graph, row_input) | {row_input}
+    col_outputs = [n for n, path in linear_outputs.items() if path in unit_paths - {full(unit.rowwise)}]
+    region = set().union(*(nx.descendants(graph, n) | {n} for n in col_outputs)) & between
+    for node in region:
+        for pred in graph.predecessors(node):
+            name = param_names.get(pred)
+            if name is not None and name.rpartition(".")[0] not in unit_paths:
+                return False
+    return True
 
 
 def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],

@@ -157,6 +157,8 @@ class Prediction:
     optimizer_ms: float
     peak_memory_mib: float
     parameters_mib: float
+    """On the device, at the peak. 0 with data_parallel.offload: sharded parameters, gradients and optimizer
+    states then live on the host (the layer being gathered counts under activations_mib, as a buffer)."""
     gradients_mib: float
     optimizer_states_mib: float
     activations_mib: float

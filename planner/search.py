@@ -115,6 +115,10 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
                         f"{global_batch_size}, tp must fit in a node of {cluster.devices_per_node}, and pp must "
                         f"not exceed the {len(graph.layers)} layers of the chain")
     pricer = ConfigPricer(model, graph, cluster)
+    if mesh is not None and mesh[0] > len(pricer.allowed_starts):
+        raise PlanError(f"pp={mesh[0]} cannot be cut: layers that share a parameter must sit on one pipeline stage "
+                        f"({_tied_description(model)}), which leaves {len(pricer.allowed_starts)} places a stage "
+                        "can start; use a smaller pp (or untie the weights)")
     ordered = sorted(range(len(configs)), key=lambda i: (lower_bound_s(pricer, configs[i]), i))
     best: ConfigResult | None = None
     best_per_shape: dict[tuple, ConfigResult] = {}
@@ -154,6 +158,14 @@ def search_plans(model: nn.Module, graph: ModelGraph, cluster: Cluster, world_si
             alternatives.append(AlternativeResult(exact, exact.config, _why_not(exact, best)))
     alternatives.sort(key=lambda a: a.result.step_time_s)
     return SearchResult(best, alternatives, len(configs), screened_count, solved_count)
+
+
+def _tied_description(model: nn.Module) -> str:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = [" = ".join(group) for group in names.values() if len(group) > 1]
+    return "tied: " + "; ".join(tied) if tied else "no tied parameters"
 
 
 def _infeasible(pricer: ConfigPricer, configs: list[ParallelConfig], cluster: Cluster) -> InfeasiblePlanError:

@@ -82,14 +82,32 @@ def _offload_policy(plan: Plan, device: torch.device) -> OffloadPolicy:
     return CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.data_parallel.offload else OffloadPolicy()
 
 
-def _layers_with_parameters(model: nn.Module, plan: Plan) -> list[nn.Module]:
-    modules = []
+def _layer_groups(model: nn.Module, plan: Plan) -> list[list[nn.Module]]:
+    """The chain layers that own parameters, grouped so that layers sharing a parameter (a head tied to the
+    token embedding) form one group: FSDP2 manages each parameter in exactly one group, so tied layers are
+    sharded together (`fully_shard([wte, lm_head])`, one all-gather serves both)."""
+    groups: list[list[nn.Module]] = []
+    group_of: dict[int, int] = {}  # id(parameter) -> index into groups
     for layer in plan.layers:
-        if layer.path:
-            module = model.get_submodule(layer.path)
-            if any(True for _ in module.parameters()):
-                modules.append(module)
-    return modules
+        if not layer.path:
+            continue
+        module = model.get_submodule(layer.path)
+        params = [id(p) for p in module.parameters()]
+        if not params:
+            continue
+        shared = sorted({group_of[p] for p in params if p in group_of})
+        if not shared:
+            groups.append([module])
+            index = len(groups) - 1
+        else:
+            index = shared[0]
+            for other in shared[1:]:  # this layer ties two earlier groups together: merge them
+                groups[index].extend(groups[other])
+                groups[other] = []
+                group_of.update({p: index for p, g in group_of.items() if g == other})
+            groups[index].append(module)
+        group_of.update({p: index for p in params})
+    return [group for group in groups if group]
 
 
 def check_data_parallel_supported(plan: Plan) -> list[str]:
@@ -119,9 +137,9 @@ def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: 
     mp_policy = mixed_precision_policy(plan)
     reshard = False if kind == "zero2" else plan.data_parallel.reshard_after_forward
     offload = _offload_policy(plan, device)
-    for module in _layers_with_parameters(model, plan):
-        fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy,
-                    offload_policy=offload)
+    for group in _layer_groups(model, plan):
+        fully_shard(group if len(group) > 1 else group[0], mesh=dp_mesh, reshard_after_forward=reshard,
+                    mp_policy=mp_policy, offload_policy=offload)
     if plan.mesh.pp > 1 and mp_policy.param_dtype is not None:
         # a pipeline stage's outputs travel to the next stage into buffers traced in float32
         mp_policy = dataclasses.replace(mp_policy, output_dtype=torch.float32)

@@ -16,8 +16,10 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from planner.linear_modules import linear_like_features
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.conv1d_parallel import conv1d_style
 from runtime.traced_linear import colwise_style, linear_features, rowwise_style
 
 
@@ -39,11 +41,12 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
         for unit in layer.tensor_parallel:
             for rel, style in [(col, colwise_style) for col in unit.colwise] + [(unit.rowwise, rowwise_style)]:
                 sub = _submodule(module, rel, f"layer {layer.path}")
-                features = linear_features(sub)  # an nn.Linear, or one a pipeline stage's tracer outlined
+                # an nn.Linear, one a pipeline stage's tracer outlined, or a transformers Conv1D
+                features = linear_features(sub) or linear_like_features(sub)
                 if features is None:
                     raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
-                                    f"{type(sub).__name__}, not an nn.Linear")
-                styles[rel] = style(sub)
+                                    f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")
+                styles[rel] = conv1d_style(sub, colwise=style is colwise_style) or style(sub)
                 dim = features[1] if style is colwise_style else features[0]
                 if tp_mesh.size() > 1 and dim % tp_mesh.size():
                     raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "

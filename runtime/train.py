@@ -147,8 +147,11 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
             set_gradient_sync(model, plan, index == count - 1)
         if index > 0 and next_microbatch is not None:
             next_microbatch()
-        with loss_context(plan):  # the loss and its backward, on vocabulary-sharded logits for a `vocab` head
-            with forward_context(plan), autocast_context(plan, device):
+        # backward inside both contexts: it multiplies saved plain tensors (rotary cos/sin) with DTensor
+        # gradients, which needs the implicit replication the forward had; and a `vocab` head's loss and its
+        # backward run on vocabulary-sharded logits under loss_parallel
+        with loss_context(plan), forward_context(plan):
+            with autocast_context(plan, device):
                 loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
             (loss / count).backward()
         value = loss_value(loss)

@@ -48,16 +48,6 @@ def local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
-def sharded_over_tp(p: torch.Tensor) -> bool:
-    """A parameter split over the `tp` mesh axis (a DTensor, or the local shard DDP holds, tagged `_st_info`)."""
-    spec = getattr(p, "_st_info", None) or (p if isinstance(p, DTensor) else None)
-    if spec is None:
-        return False
-    names = spec.device_mesh.mesh_dim_names if isinstance(spec, DTensor) else spec.mesh.mesh_dim_names
-    return any(name == "tp" and placement.is_shard()
-               for name, placement in zip(names or (), spec.placements, strict=True))
-
-
 class LargestTensorProbe(TorchDispatchMode):
     """The most elements of any real (not meta) tensor an op returns while active: for a DTensor, its local
     shard. Run around building the sharded model, it shows whether a rank ever made a full parameter."""
@@ -77,7 +67,26 @@ class LargestTensorProbe(TorchDispatchMode):
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-12)).item()
+    """|a - b| / max(|b|, 1e-6). The floor is for tensors that are zero in exact arithmetic: an attention key
+    bias has a zero gradient (softmax cancels it), so its computed gradient is rounding noise (~1e-17), Adam
+    turns that noise into ~1e-12 updates, and relative differences of noise mean nothing. A real error (a
+    missing reduction) is as large as the tensor itself, so it still shows as O(1) above the floor."""
+    return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def tensor_parallel_dim(p: torch.Tensor) -> int | None:
+    """The dim a parameter is sharded on over the mesh's `tp` axis (None when not sharded there); local shards
+    under DDP are read through their `_st_info`."""
+    spec = p if isinstance(p, DTensor) else getattr(p, "_st_info", None)
+    if spec is None:
+        return None
+    mesh, placements = (spec.device_mesh, spec.placements) if isinstance(spec, DTensor) else (spec.mesh,
+                                                                                              spec.placements)
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return None
+    placement = placements[names.index("tp")]
+    return placement.dim if placement.is_shard() else None
 
 
 def model_parameters(model: torch.nn.Module):
@@ -86,7 +95,33 @@ def model_parameters(model: torch.nn.Module):
         yield name.removeprefix("module."), p
 
 
-def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor:
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def batchnorm_reference_forward_backward(reference, plan: Plan, inputs, targets, dp_rank: int) -> torch.Tensor:
+    """BatchNorm in training mode normalises with the statistics of the batch it sees: under data parallelism
+    each dp rank's slice, and with micro-batches (gradient accumulation, pipelines) each micro-batch of it
+    (torch's SyncBatchNorm would use the global batch, but it refuses CPU tensors). So the reference runs each
+    micro-batch of each dp slice through the model separately and averages the gradients, as the ranks do; its
+    running statistics are updated by this rank's micro-batches only (the other slices' updates are undone), as
+    this rank's are under FSDP2 (DDP instead broadcasts rank 0's buffers before each forward)."""
+    dp, count = plan.mesh.dp, plan.pipeline.num_microbatches
+    losses = []
+    for index in range(dp):
+        kept = None if index == dp_rank else [(b, b.clone()) for b in reference.model.buffers()]
+        slice_inputs, slice_targets = [t.chunk(dp)[index] for t in inputs], targets.chunk(dp)[index]
+        for micro in range(count):
+            loss = reference.loss_fn(reference.model(*(t.chunk(count)[micro] for t in slice_inputs)),
+                                     slice_targets.chunk(count)[micro])
+            (loss / (dp * count)).backward()
+            losses.append(loss.detach())
+        for buffer, value in kept or []:
+            buffer.copy_(value)
+    return torch.stack(losses).mean()
+
+
+def reference_forward_backward(reference, plan: Plan, step: int, dp_rank: int = 0) -> torch.Tensor:
     """The single-process reference: the global batch in one go, or, under mixed precision, the same
     low-precision semantics as the runtime on each dp rank's slice with gradients averaged in fp32.
 
@@ -94,6 +129,8 @@ def reference_forward_backward(reference, plan: Plan, step: int) -> torch.Tensor
     param_dtype (what `MixedPrecisionPolicy` all-gathers) and reduce its gradients in fp32.
     """
     inputs, targets = reference.make_batch(reference.global_batch_size, step)
+    if (plan.mesh.dp > 1 or plan.pipeline.num_microbatches > 1) and has_batchnorm(reference.model):
+        return batchnorm_reference_forward_backward(reference, plan, inputs, targets, dp_rank)
     if plan.precision.param_dtype == "float32":  # full precision: the default dtype (float64 tests too)
         loss = reference.loss_fn(reference.model(*inputs), targets)
         loss.backward()
@@ -131,14 +168,19 @@ def load_plan_and_reference(plan_path: str):
 
 
 def run_plan(plan_path: str, steps: int) -> dict:
+    if Plan.load(plan_path).mesh.pp > 1:  # pipelines: each rank holds only its stages
+        from pipeline_parity_worker import compare_plan
+
+        return compare_plan(plan_path, steps)
     plan, device, mesh, spec, init, reference = load_plan_and_reference(plan_path)
     with LargestTensorProbe() as probe_build:
         model = build_parallel_model(plan, spec, mesh, init)
     largest_built = torch.tensor(probe_build.largest_numel)
     dist.all_reduce(largest_built, op=dist.ReduceOp.MAX)  # over every rank
-    # taken before the first forward: under ddp + tp, DDP's forward hooks re-register tensor-parallel
-    # parameters as plain DTensor attributes, so later `named_parameters()` calls no longer list them
-    params = list(model_parameters(model))
+    # taken before the first forward: DDP's tensor-parallel path (_pre_dp_module_transform) swaps the local
+    # Parameters it trains for plain DTensor attributes in every forward, so model.named_parameters() afterwards
+    # no longer lists the tensor-parallel ones
+    named_params = list(model_parameters(model))
     opt = build_optimizer(model, plan, mesh, spec.learning_rate)
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     dp_rank = mesh["dp"].get_local_rank()
@@ -151,12 +193,12 @@ def run_plan(plan_path: str, steps: int) -> dict:
         inputs, targets = local_batch(spec, step, dp_rank, plan.mesh.dp, device)
         with probe.track(model, opt) if step == 1 else contextlib.nullcontext(None) as next_microbatch:
             global_loss = forward_backward(model, spec, plan, inputs, targets, device, next_microbatch)
-        ref_loss = reference_forward_backward(reference, plan, step)
+        ref_loss = reference_forward_backward(reference, plan, step, dp_rank)
         dist.all_reduce(global_loss, group=mesh["dp"].get_group())
         global_loss /= plan.mesh.dp
         losses.append((global_loss.item(), ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(global_loss.item() - ref_loss.item()) / abs(ref_loss.item()))
-        for name, p in params:
+        for name, p in named_params:
             diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], worst_names["grad"] = diff, f"{name} at step {step}"
@@ -166,15 +208,22 @@ def run_plan(plan_path: str, steps: int) -> dict:
         opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
-    for name, p in params:
+    for name, p in named_params:
         diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], worst_names["param"] = diff, name
-    return {"worst": worst, "where": worst_names, "losses": losses,
-            "tp_sharded": sorted(name for name, p in params if sharded_over_tp(p)),
+    ref_buffers = dict(reference.model.named_buffers())
+    for name, b in model.named_buffers():  # BatchNorm running statistics, rotary tables
+        name = name.removeprefix("module.")
+        if name in ref_buffers and b.is_floating_point() and plan.data_parallel.kind not in DDP_KINDS:
+            diff = rel_diff(full(b), ref_buffers[name])
+            if diff > worst.setdefault("buffer", 0.0):
+                worst["buffer"], worst_names["buffer"] = diff, name
+    tp_shards = {name: dim for name, p in named_params if (dim := tensor_parallel_dim(p)) is not None}
+    return {"worst": worst, "where": worst_names, "losses": losses, "tp_shards": tp_shards,
             "largest_tensor_built_numel": int(largest_built), "materialized_shards_only": init is not None,
-            "local_parameter_numel": sum(local_numel(p) for _, p in params),
-            "not_compared": sorted(set(ref_params) - {name for name, _ in params}),
+            "local_parameter_numel": sum(local_numel(p) for _, p in named_params),
+            "not_compared": sorted(set(ref_params) - {name for name, _ in named_params}),
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from parity_worker import full, load_plan_and_reference, rel_diff
+from parity_worker import full, load_plan_and_reference, reference_forward_backward, rel_diff
 from torch.distributed.tensor import DTensor
 
 from planner.plan import Plan
@@ -76,9 +76,7 @@ def compare_plan(plan_path: str, steps: int) -> dict:
         loss = pipeline_train_step(parts, plan, inputs, targets, mesh)
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         loss = loss.item() / plan.mesh.dp
-        ref_inputs, ref_targets = reference.make_batch(spec.global_batch_size, step)
-        ref_loss = reference.loss_fn(reference.model(*ref_inputs), ref_targets)
-        ref_loss.backward()
+        ref_loss = reference_forward_backward(reference, plan, step, dp_rank)  # per micro-batch for BatchNorm
         losses.append((loss, ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
         for name, p in parts.named_parameters():
@@ -93,6 +91,14 @@ def compare_plan(plan_path: str, steps: int) -> dict:
         diff = rel_diff(full(p.detach()), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], where["param"] = diff, name
+    ref_buffers = dict(reference.model.named_buffers())
+    worst["buffer"] = 0.0
+    for module in parts.modules:  # BatchNorm running statistics, kept by the stage that runs the norm
+        for name, b in module.named_buffers():
+            if name in ref_buffers and b.is_floating_point():
+                diff = rel_diff(full(b), ref_buffers[name])
+                if diff > worst["buffer"]:
+                    worst["buffer"], where["buffer"] = diff, name
     mine = {"worst": worst, "where": where, "losses": losses, "names": [n for n, _ in parts.named_parameters()],
             "kept_elsewhere": kept_elsewhere, "tp_mismatch": tp_mismatch,
             "tp_sharded": sorted(tp_sharded), "stage_ids": parts.stage_ids}

@@ -103,8 +103,8 @@ def test_vocab_parallel_matches_single_process(mesh, tmp_path):
     results = run_parity(plans, tmp_path, "float64")
     for name, result in results.items():
         assert result["materialized_shards_only"], name
-        assert {"wte.weight", "head.weight", "blocks.0.attn.q.weight"} <= set(result["tp_sharded"]), result
-        assert "wpe.weight" not in result["tp_sharded"] and not result["not_compared"]
+        assert {"wte.weight", "head.weight", "blocks.0.attn.q.weight"} <= set(result["tp_shards"]), result
+        assert "wpe.weight" not in result["tp_shards"] and not result["not_compared"]
         for quantity, tolerance in TOLERANCE["float64"].items():
             assert result["worst"][quantity] < tolerance, (name, quantity, result)
     if mesh[1] > 1:
