@@ -25,7 +25,7 @@ Blind spots: a recipe is replayable only when the parameter was made by a plain 
 empty, zeros, ones, full, randn, rand) and every later init op writes the whole parameter, is element-wise and
 takes scalar arguments (the ops in `REPLAYABLE_OPS`); a model whose init writes part of a parameter (an
 Embedding's padding row), computes it (`torch.randn(n) * 0.02`), copies a tensor in (`orthogonal_`,
-pretrained weights) or that owns buffers
+pretrained weights), ties a weight to two modules (`to_empty` would untie it) or that owns buffers
 (computed in the constructor, e.g. rotary tables) gets `None` from `build_spec_on_meta`, and the runtime builds
 it whole from the seed as before. Pipeline plans always do (stages are traced from a real model).
 """
@@ -200,7 +200,7 @@ def local_indices(param: torch.Tensor) -> list[torch.Tensor]:
 
 def build_spec_on_meta(source: str, seed: int, base_dir: Path | None = None) -> tuple[ModelSpec, ParameterInit | None]:
     """The MODEL built on the meta device, with its parameters' init recipes; the init is None when some
-    parameter's init cannot be replayed per block or the model has buffers (see the module docstring)."""
+    parameter's init cannot be replayed per block, or the model has buffers or tied weights (module docstring)."""
     recorder = _InitRecorder()
     with recorder:
         spec = load_model_spec(source, base_dir=base_dir, device="meta")
@@ -212,6 +212,8 @@ def build_spec_on_meta(source: str, seed: int, base_dir: Path | None = None) -> 
         recipes[name] = recipe
     if any(True for _ in spec.model.buffers()):
         return spec, None
+    if len(list(spec.model.named_parameters(remove_duplicate=False))) != len(recipes):
+        return spec, None  # tied weights: `to_empty` gives each module its own tensor (meta -> real is no set_data)
     return spec, ParameterInit(recipes, seed)
 
 

@@ -30,6 +30,9 @@ class Model(nn.Module):
             self.table = nn.Embedding(8, 4, padding_idx=0)
         elif kind == "buffer":
             self.register_buffer("scale", torch.arange(4.0))
+        elif kind == "tied":
+            self.other = nn.Linear(4, 4)
+            self.other.weight = self.lin.weight
 
 def spec(kind):
     return ModelSpec(model=Model(kind), make_batch=lambda b, s: ((torch.zeros(b, 4),), torch.zeros(b, 4)),
@@ -39,6 +42,7 @@ def full(): return spec("full")
 def computed(): return spec("computed")
 def padding(): return spec("padding")
 def buffer(): return spec("buffer")
+def tied(): return spec("tied")
 '''
 
 
@@ -72,7 +76,7 @@ def test_blocks_are_independent_streams():
 
 
 @pytest.mark.parametrize("function, replayable", [("full", True), ("computed", False), ("padding", False),
-                                                  ("buffer", False)])
+                                                  ("buffer", False), ("tied", False)])
 def test_only_replayable_inits_are_materialised_per_shard(tmp_path, function, replayable):
     path = tmp_path / "models.py"
     path.write_text(MODELS)
