@@ -65,6 +65,7 @@ from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
+from planner.vocab_parallel import supports_vocab_parallel
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class ConfigPricer:
         self.layers = graph.layers
         self._micro: dict[tuple, list[tuple[LayerOption, OptionCost]]] = {}
         self._tp_ok: dict[tuple[str, int], bool] = {}
+        self._vocab_ok: dict[tuple[str, int], bool] = {}
         self._priced: dict[tuple[str, ParallelConfig], list[PricedOption]] = {}
         self._min_micro: dict[tuple[int, int, str], float] = {}
         self.kinds = [layer.kind for layer in self.layers]
@@ -132,17 +134,20 @@ class ConfigPricer:
     # ---- per-layer tables -------------------------------------------------------------------------------
     def micro_options(self, index: int, tp: int, micro_batch_size: int, param_dtype: str,
                       pipelined: bool = False) -> list[tuple[LayerOption, OptionCost]]:
-        """Options of a layer and their per-micro-batch costs (sequence parallelism only without a pipeline)."""
+        """Options of a layer and their per-micro-batch costs (sequence and vocabulary parallelism only without a
+        pipeline: the runtime runs them with pp = 1)."""
         layer = self.layers[index]
         key = (layer.kind, tp, micro_batch_size, param_dtype, pipelined)
         if key not in self._micro:
             tp_key = (layer.kind, tp)
             if tp_key not in self._tp_ok:
                 self._tp_ok[tp_key] = supports_tensor_parallel(self.model, layer, tp)
+                self._vocab_ok[tp_key] = supports_vocab_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
             # the runtime's sequence parallelism (DTensor styles for nn.Linear) does not run Conv1D units
             sequence_ok = not pipelined and not self._has_conv1d_units(layer)
-            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok)
+            options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok,
+                                    vocab_parallel_ok=self._vocab_ok[tp_key] and not pipelined)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
                                 for o in options]
         return self._micro[key]

@@ -11,6 +11,10 @@ traffic and saved bytes are divided by tp):
   the non-matmul forward ops (memory-bound), keeping matmul outputs.
 - tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the
   column-linear input gradient in backward (Megatron's f/g), over the contiguous tp group.
+- vocabulary parallelism (`vocab`, planner/vocab_parallel.py): the embedding's or head's marked ops divide by
+  tp; communication is the layer's own forward all-reduce (embedding output, or the loss's per-row max, sum of
+  exponentials and target logit) and backward all-reduce (the head's input gradient). Offered only with
+  checkpoint `none` and no offload (the head's saved logits are what vocabulary sharding already divides).
 - activations kept per in-flight micro-batch: `none` = what autograd saves (traced); `selective` = the layer
   input + matmul outputs; `full` = the layer input only; offload keeps nothing on the device.
 - offload: the saved bytes go to the host after forward and come back for backward, at the profile's
@@ -46,7 +50,7 @@ class LayerOption:
     """One choice for one layer."""
 
     strategy: str
-    """`replicate` or `tensor`."""
+    """`replicate`, `tensor` or `vocab`."""
     checkpoint: str = "none"
     offload_activations: bool = False
     sequence_parallel: bool = False
@@ -107,23 +111,24 @@ def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bo
 
 
 def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster,
-                  sequence_parallel_ok: bool = False) -> list[LayerOption]:
+                  sequence_parallel_ok: bool = False, vocab_parallel_ok: bool = False) -> list[LayerOption]:
     """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties).
 
     Sequence parallelism is offered with tensor parallelism when the caller allows it (the runtime runs it
-    without a pipeline only)."""
+    without a pipeline only); so is vocabulary parallelism, alone (no checkpointing or offload)."""
     strategies = [("replicate", False)] + ([("tensor", False)] if tensor_parallel_ok else []) + (
         [("tensor", True)] if tensor_parallel_ok and sequence_parallel_ok else [])
     offloads = [False, True] if cluster.host_link is not None and layer.saved_bytes else [False]
     checkpoints = CHECKPOINTS if layer.fwd_flops > 0 and layer.saved_bytes > layer.input_bytes else ("none",)
-    return [LayerOption(s, c, o, sp) for s, sp in strategies for o in offloads for c in checkpoints
-            if not (o and c != "none")]
+    options = [LayerOption(s, c, o, sp) for s, sp in strategies for o in offloads for c in checkpoints
+               if not (o and c != "none")]
+    return options + ([LayerOption("vocab")] if vocab_parallel_ok else [])
 
 
 def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_scale: float, cluster: Cluster,
                        param_dtype: str = "float32") -> OptionCost:
     """Time per micro-batch and activation bytes of `layer` under `option` (see the module docstring)."""
-    shard = tp if option.strategy == "tensor" else 1
+    shard = tp if option.strategy in ("tensor", "vocab") else 1
     act_scale = batch_scale * dtype_bytes(param_dtype) / TRACED_DTYPE_BYTES
     # sequence parallelism shards the rest of the layer (norms, residual, dropout) too
     outside = shard if option.sequence_parallel else 1
@@ -134,16 +139,20 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
                                                   outside)
     allreduce_s = 0.0
-    if shard > 1:
+    if shard > 1 and option.strategy == "tensor":
         group = list(range(tp))
         # with sequence parallelism each all-reduce is a reduce-scatter + an all-gather: the same bytes
         allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, group, cluster)
         allreduce_s = exposed_time_s(allreduce_s, fwd_s, cluster.overlap.tensor_parallel)
         if option.sequence_parallel:  # the layer's output is gathered back to replicated, forward and backward
             allreduce_s += all_gather_time_s(layer.input_bytes * act_scale, group, cluster)
+    if shard > 1 and option.strategy == "vocab":
+        allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
     inputs = int(layer.input_bytes * act_scale)
-    recompute_s, tp_comm_s, offload_s = 0.0, 2 * allreduce_s, 0.0
+    # tensor: the same bytes all-reduced in forward and backward; vocab: its two all-reduces, summed above
+    tp_comm_s = allreduce_s if option.strategy == "vocab" else 2 * allreduce_s
+    recompute_s, offload_s = 0.0, 0.0
     if option.checkpoint == "full":
         kept = min(inputs, saved)
         recompute_s = fwd_s
@@ -161,6 +170,20 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
                       # norm parameters stay replicated under sequence parallelism: only units shard weights
                       local_num_params=int(per_rank(layer.num_params, layer.tp_num_params, shard)),
                       forward_s=fwd_s + allreduce_s + offload_s / 2)
+
+
+def _vocab_communication_s(layer: LayerFacts, tp: int, bytes_scale: float, fwd_s: float, bwd_s: float,
+                           cluster: Cluster) -> float:
+    """Exposed seconds of a `vocab` layer's all-reduces over the contiguous tp group: the forward one (hidden
+    behind the forward compute by the profile's tensor_parallel overlap) and the backward one (behind backward)."""
+    group = list(range(tp))
+    total_s = 0.0
+    for num_bytes, window_s in ((layer.vocab_forward_allreduce_bytes, fwd_s),
+                                (layer.vocab_backward_allreduce_bytes, bwd_s)):
+        if num_bytes:
+            total_s += exposed_time_s(all_reduce_time_s(num_bytes * bytes_scale, group, cluster), window_s,
+                                      cluster.overlap.tensor_parallel)
+    return total_s
 
 
 def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_scale: float, cluster: Cluster,

@@ -23,6 +23,7 @@ from planner.layer_chain import find_layer_chain, repeated_stack_path
 from planner.linear_modules import is_linear_like
 from planner.model_spec import ModelSpec
 from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
+from planner.vocab_parallel import mark_vocab_parallel
 
 _MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward",
                "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -78,6 +79,15 @@ class LayerFacts:
     tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    vocab_parallel: str = ""
+    """`embedding` (an nn.Embedding layer) or `head` (an nn.Linear whose logits go straight into a cross-entropy
+    loss): the layer can be sharded on the vocabulary (strategy `vocab`, planner/vocab_parallel.py); "" when
+    not. The tp_* fields then describe the vocabulary-sharded part (such a layer has no tp_units)."""
+    vocab_forward_allreduce_bytes: int = 0
+    """Bytes all-reduced in forward under `vocab`: the embedding's output (partial sums of masked lookups), or
+    the head's three per-row loss statistics (max, sum of exponentials, target logit)."""
+    vocab_backward_allreduce_bytes: int = 0
+    """Bytes all-reduced in backward under `vocab`: the head's input gradient (0 for an embedding)."""
     ops: list[OpFacts] = field(default_factory=list)
     """Every aten op of the layer (views included: each is one dispatch), in graph order."""
 
@@ -252,6 +262,9 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         for unit in units:
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
                             node_by_name, params, tp_region, facts[path], captured.param_names)
+        if not units:
+            mark_vocab_parallel(model, graph, facts[path], layer_nodes, node_by_name, linear_outputs,
+                                captured.module_path, captured.phase, tp_region)
 
     # a backward op is sharded when the forward op it differentiates is
     sharded_seq_nrs = {node_by_name[n].meta.get("seq_nr") for n in tp_region}

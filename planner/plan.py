@@ -20,7 +20,7 @@ from costmodel import Cluster, ClusterError
 from planner.plan_schema import PlanError, from_plain, to_plain
 
 SCHEMA_VERSION = 2
-STRATEGIES = ("replicate", "tensor")
+STRATEGIES = ("replicate", "tensor", "vocab")
 DATA_PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3")
 CHECKPOINT_KINDS = ("none", "selective", "full")
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
@@ -110,7 +110,9 @@ class LayerPlan:
     kind: str
     """Layers with the same kind are structurally identical and were costed once."""
     strategy: str
-    """`replicate` (every tp rank runs the whole layer) or `tensor` (its units are sharded over tp)."""
+    """`replicate` (every tp rank runs the whole layer), `tensor` (its units are sharded over tp) or `vocab`
+    (the layer is an nn.Embedding sharded on its rows, or an output-head nn.Linear sharded on its output
+    features whose logits stay sharded into a cross-entropy loss computed with `loss_parallel`; pp = 1)."""
     tensor_parallel: list[TensorParallelUnitPlan] = field(default_factory=list)
     """Units applied when strategy is `tensor`; paths relative to the layer."""
     sequence_parallel: bool = False
@@ -214,6 +216,11 @@ class Plan:
         return self.mesh.pp * self.pipeline.virtual_stages
 
     @property
+    def uses_tensor_parallel(self) -> bool:
+        """Some layer is sharded over tp > 1 (`tensor` or `vocab`): its parameters are DTensors."""
+        return self.mesh.tp > 1 and any(layer.strategy in ("tensor", "vocab") for layer in self.layers)
+
+    @property
     def micro_batch_size(self) -> int:
         return self.model.global_batch_size // (self.mesh.dp * self.pipeline.num_microbatches)
 
@@ -260,6 +267,11 @@ class Plan:
             if layer.strategy == "tensor" and not layer.tensor_parallel:
                 raise PlanError(f"{source}: {where} has strategy 'tensor' but no tensor_parallel units; "
                                 "this layer has no column/row linear pairs, use strategy 'replicate'")
+            if layer.strategy == "vocab" and (layer.tensor_parallel or layer.checkpoint != "none"
+                                              or layer.offload_activations or mesh.pp > 1):
+                raise PlanError(f"{source}: {where} has strategy 'vocab', which shards the whole layer on the "
+                                "vocabulary with pp = 1 and takes no tensor_parallel units, checkpoint or "
+                                "offload_activations; remove them or use strategy 'replicate'")
             if layer.sequence_parallel and (layer.strategy != "tensor" or mesh.tp == 1):
                 raise PlanError(f"{source}: {where} has sequence_parallel but is not tensor-parallel on tp > 1")
             if not previous_stage <= layer.stage <= previous_stage + 1:

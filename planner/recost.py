@@ -103,6 +103,9 @@ def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOptio
     hints = []
     if layer.strategy == "tensor":
         hints.append(f"strategy 'tensor' needs tp > 1 and every unit's linears divisible by tp={plan.mesh.tp}")
+    if layer.strategy == "vocab":
+        hints.append(f"strategy 'vocab' needs pp = 1, tp > 1, and an untied nn.Embedding or an nn.Linear head "
+                     f"feeding F.cross_entropy whose vocabulary is divisible by tp={plan.mesh.tp}")
     if layer.sequence_parallel and plan.mesh.pp > 1:
         hints.append("sequence_parallel runs only without a pipeline (pp = 1)")
     if layer.offload_activations:

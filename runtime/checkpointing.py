@@ -15,11 +15,11 @@ Pipeline plans train an `nn.ModuleList` of stage modules whose parameters keep t
 get_state_dict's keys gain the list index (`0.blocks.2.attn.q.weight`); the index is dropped on save and put
 back on load, so pipeline and non-pipeline plans read each other's checkpoints.
 
-Not supported (refused with PlanError before training): zero1, whose ZeroRedundancyOptimizer has no state
-dict until `consolidate_state_dict(to=rank)` gathers the whole state onto one rank (get_state_dict raises
-"Optimizer state has not been consolidated on this rank"), so DCP's sharded save does not apply; ddp with
-tensor parallelism, whose DDP holds tensor-parallel parameters as plain local shards (no DTensor) outside the
-forward: get_state_dict fails on that model (KeyError, torch 2.13), and plain shards would not reshard anyway.
+zero1 and ddp with tensor parallelism: get_state_dict fails on both (ZeroRedundancyOptimizer has no state dict
+until `consolidate_state_dict(to=rank)` gathers the whole state onto one rank; DDP's 2-D path holds
+tensor-parallel parameters as plain local shards); runtime/ddp_state.py writes the same flattened layout
+from the parameters DDP holds and each rank's own optimizer partition, so these plans save, resume and reshard
+like the others.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.ddp_state import ddp_state_dicts, needs_ddp_state, restore_hyperparameters
 
 KEEP = 2
 """Complete checkpoints kept; older ones are deleted after each save."""
@@ -72,19 +73,6 @@ class CheckpointOptions:
         if self.every is not None:
             args += ["--checkpoint-every", str(self.every)]
         return args + (["--resume"] if self.resume else [])
-
-
-def check_checkpointing_supported(plan: Plan) -> None:
-    """Refuse plans whose state DCP cannot save and reshard here (see the module docstring)."""
-    kind = plan.data_parallel.kind
-    if kind == "zero1":
-        raise PlanError("checkpointing a zero1 plan: ZeroRedundancyOptimizer keeps its AdamW state per rank in a "
-                        "layout torch.distributed.checkpoint cannot reshard; use data_parallel.kind zero2 or zero3 "
-                        "(same memory for optimizer states, DCP-compatible) or run without --checkpoint-dir")
-    if kind == "ddp" and plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers):
-        raise PlanError("checkpointing a ddp plan with tensor parallelism: DDP holds tensor-parallel parameters as "
-                        "plain local shards, which torch.distributed.checkpoint's get_state_dict cannot save; use "
-                        "data_parallel.kind zero2 or zero3, or tp = 1")
 
 
 def _step_dir_name(step: int) -> str:
@@ -136,7 +124,10 @@ def _strip_stage_index(key: str) -> str:
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
            with_cuda_rng: bool) -> tuple[dict, dict, dict]:
     """The DCP state dict (keys as saved) and the model / optimizer dicts in get_state_dict's own keys."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    if needs_ddp_state(plan):
+        model_sd, optim_sd = ddp_state_dicts(model, optimizer)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     if _is_pipeline(model, plan):
         saved_model = {_strip_stage_index(k): v for k, v in model_sd.items()}
         saved_optim = {_strip_stage_index(k): v for k, v in optim_sd.items()}
@@ -221,7 +212,10 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
                 target[key] = source[_strip_stage_index(key)]
     else:
         model_sd, optim_sd = state["model"], state["optim"]
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
+    if needs_ddp_state(plan):  # tensors were loaded in place into the parameters and the optimizer state
+        restore_hyperparameters(optimizer, model, optim_sd)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"])

@@ -151,12 +151,16 @@ def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    tensor_parallel = plan.mesh.tp > 1 and any(layer.strategy == "tensor" for layer in plan.layers)
+    tensor_parallel = plan.uses_tensor_parallel
     # gradients live in DDP's all-reduce buckets instead of beside them: one gradient copy, as the cost model says
     if tensor_parallel:
         wrapped = DistributedDataParallel(model, device_mesh=mesh["dp"], gradient_as_bucket_view=True)
     else:
         wrapped = DistributedDataParallel(model, process_group=mesh["dp"].get_group(), gradient_as_bucket_view=True)
+    # DDP's forward hooks re-register tensor-parallel parameters as plain DTensor attributes, so after the first
+    # forward `named_parameters()` no longer lists them: keep the names of the parameters DDP (and the optimizer)
+    # hold, for checkpoints (runtime/checkpointing.py)
+    wrapped.meshplan_parameters = list(model.named_parameters())
     reduce = plan.precision.reduce_dtype
     if reduce == "bfloat16":
         wrapped.register_comm_hook(mesh["dp"].get_group(), default_hooks.bf16_compress_hook)

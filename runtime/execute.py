@@ -32,7 +32,7 @@ from torch.distributed.run import config_from_args, get_args_parser
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, latest_checkpoint, resume_step
+from runtime.checkpointing import CheckpointOptions, latest_checkpoint, resume_step
 from runtime.preflight import check_before_launch, check_in_rank, check_plan_matches_model
 from runtime.report import RunReport
 from runtime.train import check_runtime_supports, run_rank
@@ -209,10 +209,8 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
         return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint, timeout_s)
 
     check_runtime_supports(plan)
-    if checkpoint is not None:
-        check_checkpointing_supported(plan)
-        if checkpoint.resume:
-            resume_step(checkpoint.directory, plan, steps)
+    if checkpoint is not None and checkpoint.resume:
+        resume_step(checkpoint.directory, plan, steps)
     check_before_launch(plan, plan_dir, cluster)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"

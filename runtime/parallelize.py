@@ -61,7 +61,7 @@ def forward_context(plan: Plan) -> contextlib.AbstractContextManager:
     kernels have no sharding rule); implicit replication lets plain tensors created inside the model (masks,
     positions) mix with DTensor activations.
     """
-    if not any(layer.strategy == "tensor" for layer in plan.layers) or plan.mesh.tp == 1:
+    if not plan.uses_tensor_parallel:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel([SDPBackend.MATH]))

@@ -16,19 +16,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from planner.model_spec import ModelSpec, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpointing import CheckpointOptions, check_checkpointing_supported, load_checkpoint, save_checkpoint
+from runtime.checkpointing import CheckpointOptions, load_checkpoint, save_checkpoint
 from runtime.data_parallel import (
+    DDP_KINDS,
     apply_data_parallel,
     autocast_context,
     build_optimizer,
     check_data_parallel_supported,
     set_gradient_sync,
 )
+from runtime.materialize import ParameterInit, build_spec_on_meta
 from runtime.measure import PeakMemoryProbe
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.sequence_parallel import apply_sequence_parallel
+from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
 from runtime.watchdog import SETUP_STEP, Watchdog
 
 
@@ -78,16 +81,44 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
                             mesh_dim_names=("pp", "dp", "tp"))
 
 
-def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh) -> nn.Module:
-    """Shard `spec.model` per the plan: tensor (and sequence) parallel over tp, activation checkpointing and
-    offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
-    zero1, else `spec.model`)."""
-    device = mesh.device_type
+def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, init: ParameterInit | None = None,
+                         ) -> nn.Module:
+    """Shard `spec.model` per the plan: tensor (sequence, vocabulary) parallel over tp, activation checkpointing
+    and offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
+    zero1, else `spec.model`).
+
+    With `init`, `spec.model` lives on the meta device (runtime/materialize.py): its shards are allocated and
+    filled after tensor parallelism and FSDP2 have sharded it (before DDP, which broadcasts real tensors)."""
+    device = torch.device(mesh.device_type)
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
+    apply_vocab_parallel(spec.model, plan, mesh["tp"])
     apply_sequence_parallel(spec.model, plan, mesh["tp"])
     apply_activation_checkpointing(spec.model, plan)
-    apply_activation_offload(spec.model, plan, torch.device(device))
-    return apply_data_parallel(spec.model, plan, mesh, torch.device(device))
+    apply_activation_offload(spec.model, plan, device)
+    if init is not None and plan.data_parallel.kind in DDP_KINDS:
+        init.materialize(spec.model, device)
+    model = apply_data_parallel(spec.model, plan, mesh, device)
+    if init is not None and plan.data_parallel.kind not in DDP_KINDS:
+        init.materialize(spec.model, torch.device("cpu") if plan.data_parallel.offload else device)
+    return model
+
+
+def build_model_spec(plan: Plan, device: torch.device, plan_dir: Path | None = None,
+                     ) -> tuple[ModelSpec, ParameterInit | None]:
+    """The plan's MODEL and how to materialise it (runtime/materialize.py).
+
+    pp = 1 with a replayable init: on the meta device, with the init `build_parallel_model` uses to fill only
+    this rank's shards. Pipelines trace a real model: built on the meta device and materialised whole here with
+    the same init, so every plan starts from the same weights (init None). Models whose init cannot be replayed
+    are built whole on `device` from the plan's seed (init None)."""
+    spec, init = build_spec_on_meta(plan.model.source, plan.seed, base_dir=plan_dir)
+    if init is None:
+        torch.manual_seed(plan.seed)
+        return load_model_spec(plan.model.source, base_dir=plan_dir, device=device), None
+    if plan.mesh.pp > 1:
+        init.materialize(spec.model, device)
+        return spec, None
+    return spec, init
 
 
 def local_batch(spec: ModelSpec, step: int, dp_rank: int, dp: int, device: torch.device):
@@ -117,12 +148,15 @@ def forward_backward(model: nn.Module, spec: ModelSpec, plan: Plan, inputs, targ
             set_gradient_sync(model, plan, index == count - 1)
         if index > 0 and next_microbatch is not None:
             next_microbatch()
-        with forward_context(plan):  # backward too: it multiplies saved plain tensors (rotary cos/sin) with
-            # DTensor gradients, which needs the implicit replication the forward had
+        # backward inside both contexts: it multiplies saved plain tensors (rotary cos/sin) with DTensor
+        # gradients, which needs the implicit replication the forward had; and a `vocab` head's loss and its
+        # backward run on vocabulary-sharded logits under loss_parallel
+        with loss_context(plan), forward_context(plan):
             with autocast_context(plan, device):
                 loss = spec.loss_fn(model(*(t[index] for t in micro_inputs)), micro_targets[index])
             (loss / count).backward()
-        part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / count
+        value = loss_value(loss)
+        part = value.to(torch.promote_types(value.dtype, torch.float32)) / count
         total = part if total is None else total + part
     return total
 
@@ -155,11 +189,10 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     check_runtime_supports(plan)
     if checkpoint is not None:
         checkpoint.validate()
-        check_checkpointing_supported(plan)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
-    torch.manual_seed(plan.seed)
-    spec = load_model_spec(plan.model.source, base_dir=plan_dir, device=device)
+    spec, init = build_model_spec(plan, device, plan_dir)
+    torch.manual_seed(plan.seed)  # dropout and other randomness in the step
     if spec.global_batch_size != plan.model.global_batch_size:
         raise PlanError(f"the plan was made for global batch {plan.model.global_batch_size}, the model now "
                         f"asks for {spec.global_batch_size}; re-plan")
@@ -168,7 +201,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         parts = build_pipeline(plan, spec, mesh, device)
         model = nn.ModuleList(parts.modules)
     else:
-        model = build_parallel_model(plan, spec, mesh)
+        model = build_parallel_model(plan, spec, mesh, init)
     optimizer = build_optimizer(model, plan, mesh, spec.learning_rate)
 
     def step_once(inputs, targets, next_microbatch=None) -> torch.Tensor:

@@ -40,14 +40,31 @@ def build_reused_linear() -> ModelSpec:
     return ModelSpec(model=ReusedLinear(), make_batch=make_batch, loss_fn=F.mse_loss, global_batch_size=8)
 
 
-def build_tied_gpt() -> ModelSpec:
-    """examples/gpt.py's GPT with the head tied to the token embedding (one parameter, used first and last)."""
+def _example_gpt():
     path = Path(__file__).resolve().parents[1] / "examples" / "gpt.py"
     module_spec = importlib.util.spec_from_file_location("meshplan_tests_example_gpt", path)
     gpt = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(gpt)
-    spec = gpt.build_gpt()
+    return gpt
+
+
+def build_tied_gpt() -> ModelSpec:
+    """examples/gpt.py's GPT with the head tied to the token embedding (one parameter, used first and last)."""
+    spec = _example_gpt().build_gpt()
     spec.model.head.weight = spec.model.wte.weight
+    return spec
+
+
+def build_wide_vocab_gpt() -> ModelSpec:
+    """examples/gpt.py's GPT with a vocabulary of 8192: the embedding and the head hold most of the weights."""
+    return _example_gpt().build_gpt(vocab=8192)
+
+
+def build_mse_head_gpt() -> ModelSpec:
+    """examples/gpt.py's GPT trained with a mean-squared error on its logits: no cross-entropy for
+    loss_parallel, so its head cannot be vocabulary-parallel."""
+    spec = _example_gpt().build_gpt()
+    spec.loss_fn = lambda logits, targets: F.mse_loss(logits, F.one_hot(targets, logits.shape[-1]).to(logits.dtype))
     return spec
 
 

@@ -20,12 +20,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from runtime.data_parallel import DDP_KINDS, build_optimizer
+from runtime.materialize import build_reference
 from runtime.measure import PeakMemoryProbe
-from runtime.train import build_mesh, build_parallel_model, device_for, forward_backward, local_batch
+from runtime.train import (
+    build_mesh,
+    build_model_spec,
+    build_parallel_model,
+    device_for,
+    forward_backward,
+    local_batch,
+)
 
 
 def full(t: torch.Tensor, spec=None) -> torch.Tensor:
@@ -34,6 +42,28 @@ def full(t: torch.Tensor, spec=None) -> torch.Tensor:
     if spec is not None and not isinstance(t, DTensor):
         t = DTensor.from_local(t, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride)
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
+class LargestTensorProbe(TorchDispatchMode):
+    """The most elements of any real (not meta) tensor an op returns while active: for a DTensor, its local
+    shard. Run around building the sharded model, it shows whether a rank ever made a full parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                local = t._local_tensor if isinstance(t, DTensor) else t
+                if local.device.type != "meta":
+                    self.largest_numel = max(self.largest_numel, local.numel())
+        return out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,15 +156,15 @@ def reference_forward_backward(reference, plan: Plan, step: int, dp_rank: int = 
 
 
 def load_plan_and_reference(plan_path: str):
-    """(plan, device, mesh, spec to shard, single-process reference spec), both specs from the plan's seed."""
+    """(plan, device, mesh, spec to shard, its init, single-process reference spec), both from the plan's seed:
+    the spec as the runtime builds it (on the meta device when it materialises shards only), the reference
+    whole with the same initial weights (runtime/materialize.py)."""
     plan = Plan.load(plan_path)
     device = device_for(plan)
     mesh = build_mesh(plan, device)
-    torch.manual_seed(plan.seed)
-    spec = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
-    torch.manual_seed(plan.seed)
-    reference = load_model_spec(plan.model.source, base_dir=Path(plan_path).parent)
-    return plan, device, mesh, spec, reference
+    spec, init = build_model_spec(plan, device, Path(plan_path).parent)
+    reference = build_reference(plan.model.source, plan.seed, Path(plan_path).parent)
+    return plan, device, mesh, spec, init, reference
 
 
 def run_plan(plan_path: str, steps: int) -> dict:
@@ -142,8 +172,11 @@ def run_plan(plan_path: str, steps: int) -> dict:
         from pipeline_parity_worker import compare_plan
 
         return compare_plan(plan_path, steps)
-    plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
-    model = build_parallel_model(plan, spec, mesh)
+    plan, device, mesh, spec, init, reference = load_plan_and_reference(plan_path)
+    with LargestTensorProbe() as probe_build:
+        model = build_parallel_model(plan, spec, mesh, init)
+    largest_built = torch.tensor(probe_build.largest_numel)
+    dist.all_reduce(largest_built, op=dist.ReduceOp.MAX)  # over every rank
     # taken before the first forward: DDP's tensor-parallel path (_pre_dp_module_transform) swaps the local
     # Parameters it trains for plain DTensor attributes in every forward, so model.named_parameters() afterwards
     # no longer lists the tensor-parallel ones
@@ -153,6 +186,7 @@ def run_plan(plan_path: str, steps: int) -> dict:
     dp_rank = mesh["dp"].get_local_rank()
     probe = PeakMemoryProbe(device)
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
+    first_step_grad = 0.0
     worst_names = {"grad": "", "param": ""}
     losses = []
     ref_params = dict(reference.model.named_parameters())
@@ -169,6 +203,8 @@ def run_plan(plan_path: str, steps: int) -> dict:
             diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], worst_names["grad"] = diff, f"{name} at step {step}"
+            if step == 0:  # from identical parameters: only the order of reductions differs
+                first_step_grad = max(first_step_grad, diff)
         opt.step()
         opt.zero_grad()
         ref_opt.step()
@@ -186,6 +222,10 @@ def run_plan(plan_path: str, steps: int) -> dict:
                 worst["buffer"], worst_names["buffer"] = diff, name
     tp_shards = {name: dim for name, p in named_params if (dim := tensor_parallel_dim(p)) is not None}
     return {"worst": worst, "where": worst_names, "losses": losses, "tp_shards": tp_shards,
+            "first_step_grad": first_step_grad,
+            "largest_tensor_built_numel": int(largest_built), "materialized_shards_only": init is not None,
+            "local_parameter_numel": sum(local_numel(p) for _, p in named_params),
+            "not_compared": sorted(set(ref_params) - {name for name, _ in named_params}),
             "memory_bytes": {"peak": probe.result.peak_bytes, **probe.result.breakdown_bytes}}
 
 

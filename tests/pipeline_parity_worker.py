@@ -54,7 +54,7 @@ def is_tp_sharded(p: torch.Tensor) -> bool:
 
 def compare_plan(plan_path: str, steps: int) -> dict:
     """Train `plan_path` and its reference for `steps` AdamW steps; worst differences over all ranks."""
-    plan, device, mesh, spec, reference = load_plan_and_reference(plan_path)
+    plan, device, mesh, spec, _, reference = load_plan_and_reference(plan_path)
     originals = {name: weakref.ref(p) for name, p in spec.model.named_parameters()}
     parts = build_pipeline(plan, spec, mesh, device)
     gc.collect()

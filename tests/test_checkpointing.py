@@ -2,7 +2,8 @@
 
 One torchrun launch of 4 ranks (tests/checkpoint_worker.py) runs every scenario in float64 through the runtime's
 own `run_rank`: a dp4 zero3 run saved every step, resumed into dp4 zero3 past a half-written checkpoint, and
-into dp2 x tp2 zero3, ddp dp4 and pp2 x dp2 (1f1b) plans; the pipeline's own checkpoint back into dp4 zero3.
+into dp2 x tp2 zero3, ddp dp4, pp2 x dp2 (1f1b), zero1 dp4 and ddp dp2 x tp2 plans; the pipeline's, zero1's and
+ddp + tp's own checkpoints back into dp4 zero3.
 Resumed losses must equal the uninterrupted run's within 1e-9 relative: resharding is exact and only summation
 order differs between meshes, so anything larger means state was lost (a missing AdamW moment or step count
 shows up as ~1e-3).
@@ -25,7 +26,6 @@ from planner.api import plan
 from planner.plan_schema import PlanError
 from runtime.checkpointing import (
     check_checkpoint_matches,
-    check_checkpointing_supported,
     latest_checkpoint,
     read_checkpoint_meta,
     resume_step,
@@ -39,7 +39,8 @@ TOLERANCE = 1e-9
 def scenarios(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("checkpoints")
     plans = {"zero3": make_plan((1, 4, 1)), "tp": make_plan((1, 2, 2)), "ddp": make_plan((1, 4, 1), kind="ddp"),
-             "pp": pipeline_plan(GPT, 2, 2, 1, "1f1b", 2, TWO_STAGES)}
+             "pp": pipeline_plan(GPT, 2, 2, 1, "1f1b", 2, TWO_STAGES), "zero1": make_plan((1, 4, 1), kind="zero1"),
+             "ddp_tp": make_plan((1, 2, 2), kind="ddp")}
     files = []
     for name, plan_obj in plans.items():
         files.append(tmp / f"{name}.yaml")
@@ -73,7 +74,8 @@ def test_resume_after_a_crash_mid_write_uses_the_previous_checkpoint(scenarios):
     assert results["crashed_listing"] == ["latest", "step-000003", "step-000005"]  # the save removed the .tmp
 
 
-@pytest.mark.parametrize("target", ["tp", "ddp", "pp"], ids=["dp2xtp2_zero3", "dp4_ddp", "pp2xdp2_zero3"])
+@pytest.mark.parametrize("target", ["tp", "ddp", "pp", "zero1", "ddp_tp"],
+                         ids=["dp2xtp2_zero3", "dp4_ddp", "pp2xdp2_zero3", "dp4_zero1", "dp2xtp2_ddp"])
 def test_resume_into_another_mesh_continues_the_same_run(scenarios, target):
     """A dp4 zero3 checkpoint of step 4 resumed under another mesh: DCP reshards; losses of steps 4-5 match."""
     results, _, _ = scenarios
@@ -85,6 +87,14 @@ def test_pipeline_checkpoint_resumes_without_pipeline(scenarios):
     results, _, _ = scenarios
     assert results["pp_checkpoint"]["mesh"] == [2, 2, 1] and results["pp_checkpoint"]["step"] == 6
     assert_losses_equal(results["from_pp"], results["full"][6:7])
+
+
+@pytest.mark.parametrize("source", ["zero1", "ddp_tp"])
+def test_zero1_and_ddp_tp_checkpoints_resume_into_zero3(scenarios, source):
+    """zero1 (each rank saves its ZeroRedundancyOptimizer partition) and ddp + tp (tensor-parallel shards saved as
+    DTensors) write get_state_dict's layout: their step-6 checkpoints continue the run under dp4 zero3."""
+    results, _, _ = scenarios
+    assert_losses_equal(results[f"from_{source}"], results["full"][6:7])
 
 
 def test_checkpoint_of_another_model_is_refused(scenarios):
@@ -111,14 +121,7 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "step-000002"
 
 
-def test_unsupported_checkpointing_is_refused_before_launch(tmp_path):
-    zero1 = make_plan((1, 4, 1), kind="zero1")
-    with pytest.raises(PlanError, match="zero1"):
-        check_checkpointing_supported(zero1)
-    with pytest.raises(PlanError, match="zero1"):
-        execute(zero1, steps=2, checkpoint_dir=tmp_path, quiet=True)
-    with pytest.raises(PlanError, match="tensor parallelism"):
-        check_checkpointing_supported(make_plan((1, 2, 2), kind="ddp"))
+def test_resume_without_a_directory_is_refused_before_launch():
     with pytest.raises(PlanError, match="need checkpoint_dir"):
         execute(make_plan((1, 4, 1)), steps=2, resume=True)
 

@@ -11,8 +11,12 @@ Tolerances (relative error of the difference's norm, per tensor; loss per step):
   larger is a bug; measured ~5e-14.
 - bfloat16 group (float32 master weights): the reference follows the same low-precision semantics on each dp
   rank's slice and averages gradients in fp32 (see parity_worker.reference_forward_backward), so only the fp32
-  order of the gradient reduction differs: 1e-5 (measured <= 1.1e-7). A computation in the wrong dtype
-  differs by a bf16 rounding step, >= 2**-8 = 4e-3.
+  order of the gradient reduction differs: loss, parameters and the first step's gradients 1e-5 (measured
+  <= 7.3e-6). Gradients of later steps 2e-3: once the parameters differ in their last fp32 bits (after the
+  first AdamW step), a bf16 cast in the forward can round an element the other way, which moves the gradient
+  by a bf16 step (measured 8.3e-4 for blocks.2.attn.q.weight at step 3 with the initial weights of
+  runtime/materialize.py, <= 1.1e-7 at steps 0-2). A computation in the wrong dtype differs by a bf16
+  rounding step on every element from the first step on.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from planner.api import plan
 
 STEPS = 4
 EXACT = {"loss": 1e-9, "grad": 1e-9, "param": 1e-9}
-BF16 = {"loss": 1e-5, "grad": 1e-5, "param": 1e-5}
+BF16 = {"loss": 1e-5, "grad": 2e-3, "param": 1e-5}
+FIRST_STEP_GRAD = {"float64": 1e-9, "float32": 1e-5}
+"""Gradients of the first step, from identical parameters (see the module docstring)."""
 
 
 def make_plan(mesh, kind="zero3", replicate=1, reshard_after_forward=True, offload=False, param_dtype="float32",
@@ -107,6 +113,7 @@ def test_matches_single_process(group_results, group, name):
     tolerance = BF16 if GROUPS[group][0] == "float32" else EXACT
     for quantity, limit in tolerance.items():
         assert result["worst"][quantity] < limit, (quantity, result)
+    assert result["first_step_grad"] < FIRST_STEP_GRAD[GROUPS[group][0]], result
 
 
 def memory(group_results, group: str, name: str) -> dict:

@@ -26,8 +26,8 @@ from test_parity import force_tensor_parallel
 
 from meshplan import execute
 from planner.api import plan
-from planner.model_spec import load_model_spec
 from planner.plan import DataParallelPlan, Plan, PrecisionPlan
+from runtime.materialize import build_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = f"{ROOT}/examples/gpt.py:build_gpt"
@@ -153,8 +153,7 @@ def test_pipeline_matches_single_process(world_size, name, results):
 
 
 def single_process_losses(pipe_plan: Plan, steps: int) -> list[float]:
-    torch.manual_seed(pipe_plan.seed)
-    spec = load_model_spec(GPT)
+    spec = build_reference(GPT, pipe_plan.seed)  # the weights every plan with this seed starts from
     optimizer = torch.optim.AdamW(spec.model.parameters(), lr=spec.learning_rate)
     expected = []
     for step in range(steps):

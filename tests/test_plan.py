@@ -56,7 +56,7 @@ def test_memory_pressure_changes_the_plan():
     assert forced.predicted.peak_memory_mib <= forced.predicted.memory_limit_mib < roomy.predicted.peak_memory_mib
     assert forced.predicted.step_time_ms >= roomy.predicted.step_time_ms
     assert forced.pipeline.num_microbatches > 1 or any(
-        layer.strategy == "tensor" or layer.checkpoint != "none" or layer.offload_activations
+        layer.strategy in ("tensor", "vocab") or layer.checkpoint != "none" or layer.offload_activations
         for layer in forced.layers)
 
 
