@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the user named cannot be read or written (missing folder, permissions)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"meshplan {args.command}: error: {err.strerror or err}{where}; check the path and that its folder "
+              "exists and is writable", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         from runtime.execute import RunFailedError
 

@@ -124,6 +124,11 @@ def _cases() -> list[Case]:
         "timeout_nan": (["execute", "{plan}", "--timeout-s", "nan"], ["--timeout-s", "got 'nan'"]),
         "cluster_check_unknown": (["execute", "{plan}", "--cluster", "tpu-v9"], ["--cluster", "unknown cluster "
                                                                                  "preset 'tpu-v9'"]),
+        "out_in_missing_folder": (["plan", MLP, "--cluster", "cpu", "--world-size", "2", "--out",
+                                   "{tmp}/no/such/folder/out.yaml"], ["No such file or directory", "no/such/folder",
+                                                                      "check the path"]),
+        "timeline_in_missing_folder": (["show", "{plan}", "--timeline", "{tmp}/missing/t.png"],
+                                       ["No such file or directory", "missing/t.png", "check the path"]),
     }
     for name, (argv, expect) in arguments.items():
         cases.append(Case(f"argument-{name}", argv, expect, plan_edit={}))
