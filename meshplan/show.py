@@ -80,7 +80,12 @@ def format_mesh(plan: Plan) -> list[str]:
              f"mesh       pp={mesh.pp} x dp={mesh.dp} x tp={mesh.tp}  (DeviceMesh dims pp, dp, tp; tp fastest)",
              f"data       {flavour}; precision {plan.precision.param_dtype} (reduce {plan.precision.reduce_dtype})",
              f"schedule   {schedule}; {pipe.num_microbatches} micro-batch(es) of {plan.micro_batch_size} per "
-             "dp rank", ""]
+             "dp rank"]
+    if mesh.tp > 1 and all(layer.strategy == "replicate" for layer in plan.layers):
+        lines.append(f"note       tp={mesh.tp} but no layer is sharded over it: the {mesh.tp} ranks of each tp group "
+                     "repeat the same work. The cost model found that cheaper than more data parallelism on this "
+                     f"cluster; {plan.world_size // mesh.tp} devices would train as fast.")
+    lines.append("")
     rows = []
     for name, groups in rank_groups(plan).items():
         shown = " ".join(f"[{_ranks(g)}]" for g in groups[:MAX_GROUPS_SHOWN])

@@ -367,3 +367,17 @@ def test_search_progress_goes_to_stderr_and_changes_nothing(monkeypatch, capsys,
     plan(GPT, "cpu", 4, mesh=(1, 4, 1))
     assert capsys.readouterr().err == ""
     assert os.environ[ENV] == "0"
+
+
+def test_show_says_when_tensor_parallel_ranks_repeat_the_same_work(plans):
+    from test_parity import force_tensor_parallel
+
+    replicated = copy.deepcopy(plans["dp2tp2"])
+    for layer in replicated.layers:
+        layer.strategy, layer.tensor_parallel, layer.sequence_parallel = "replicate", [], False
+    replicated.validate("test")
+    text = format_plan(replicated)
+    assert "tp=2 but no layer is sharded over it" in text and "2 devices would train as fast" in text
+    sharded = force_tensor_parallel(copy.deepcopy(replicated))
+    sharded.validate("test")
+    assert "repeat the same work" not in format_plan(sharded)
