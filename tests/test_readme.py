@@ -1,18 +1,22 @@
 """README.md stays true: the walkthrough's show output and YAML excerpt are what the commands produce today.
 
 The blocks after `<!-- readme-check: show -->` and `<!-- readme-check: yaml -->` must appear line for line in
-`meshplan show` of the quick start's plan and in its YAML; the quick-start and test commands are the ones CI
+`meshplan show` of the quick start's plan and in its YAML, and the `diff` block's lines (some rows left out) in
+`meshplan diff` of that plan against the walkthrough's edit; the quick-start and test commands are the ones CI
 runs.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 
+from meshplan.diff import format_diff
 from meshplan.show import format_plan
+from meshplan.validate import recost_file
 from planner.api import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +44,20 @@ def test_walkthrough_yaml_excerpt_is_current(quick_start_plan):
     position = 0
     for line in excerpt:  # in the plan's order; ValueError names a line that is no longer produced
         position = lines.index(line, position) + 1
+
+
+def test_walkthrough_diff_is_current(quick_start_plan):
+    edited = copy.deepcopy(quick_start_plan)
+    for layer in edited.layers:
+        if layer.path in ("blocks.0", "blocks.1"):
+            layer.checkpoint = "full"
+    plans = [quick_start_plan, edited]
+    for p in plans:
+        p.predicted = recost_file(p, "examples/gpt.py:build_gpt", "cpu").prediction
+    printed = format_diff(*plans, "plan.yaml", "edited.yaml", recosted=True).splitlines()
+    position = 0
+    for line in checked_block("diff"):  # in order; the README leaves unchanged rows out
+        position = printed.index(line, position) + 1
 
 
 def test_quick_start_and_test_commands_are_what_ci_runs():
