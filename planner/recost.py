@@ -22,6 +22,7 @@ from planner.api import layer_predictions, prediction_of
 from planner.config_space import ParallelConfig
 from planner.evaluate_config import ConfigPricer, ConfigResult, PricedOption
 from planner.layer_options import LayerOption
+from planner.linear_modules import is_linear_like
 from planner.model_graph import ModelGraph
 from planner.plan import Plan, Prediction
 from planner.plan_schema import PlanError
@@ -53,7 +54,7 @@ def config_of(plan: Plan) -> ParallelConfig:
                           global_batch_size=plan.model.global_batch_size, offload=plan.data_parallel.offload)
 
 
-def check_plan_matches_model(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluster) -> None:
+def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluster) -> None:
     """Raise PlanError when the plan does not describe this model on this cluster (field and fix named)."""
     if plan.model.fingerprint != graph.fingerprint:
         raise PlanError(f"field 'model.fingerprint' is {plan.model.fingerprint} but the model traces to "
@@ -80,9 +81,10 @@ def check_plan_matches_model(plan: Plan, model: nn.Module, graph: ModelGraph, cl
                 except AttributeError as err:
                     raise PlanError(f"{where}.tensor_parallel names {rel!r}, but the model has no module "
                                     f"{full!r}; use the layer's linears") from err
-                if not isinstance(module, nn.Linear):
+                if not is_linear_like(module):
                     raise PlanError(f"{where}.tensor_parallel names {rel!r}, a {type(module).__name__}, not an "
-                                    "nn.Linear; only linears can be split by columns or rows")
+                                    "nn.Linear (or transformers Conv1D); only linears can be split by columns "
+                                    "or rows")
         if layer.strategy == "tensor":
             found = sorted((sorted(u.colwise), u.rowwise) for u in facts.tp_units)
             given = sorted((sorted(u.colwise), u.rowwise) for u in layer.tensor_parallel)
@@ -120,7 +122,7 @@ def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOptio
 
 def recost_plan(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluster) -> Recosted:
     """Price the plan's own choices with ConfigPricer.predict (the search's cost path) on `cluster`."""
-    check_plan_matches_model(plan, model, graph, cluster)
+    check_plan_describes_graph(plan, model, graph, cluster)
     config = config_of(plan)
     pricer = ConfigPricer(model, graph, cluster)
     choice = [option_of(plan, i, pricer.priced_options(i, config)) for i in range(len(plan.layers))]

@@ -16,7 +16,6 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from planner.linear_modules import linear_like_features
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.conv1d_parallel import conv1d_style
@@ -42,7 +41,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
             for rel, style in [(col, colwise_style) for col in unit.colwise] + [(unit.rowwise, rowwise_style)]:
                 sub = _submodule(module, rel, f"layer {layer.path}")
                 # an nn.Linear, one a pipeline stage's tracer outlined, or a transformers Conv1D
-                features = linear_features(sub) or linear_like_features(sub)
+                features = linear_features(sub)
                 if features is None:
                     raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
                                     f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")

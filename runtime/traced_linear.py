@@ -19,6 +19,8 @@ from torch.distributed.tensor import Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.export.unflatten import InterpreterModule
 
+from planner.linear_modules import linear_like_features
+
 
 def _is_traced_linear(module: nn.Module) -> bool:
     """True for an InterpreterModule whose graph is one `aten.linear` over its own `weight` (and `bias`)."""
@@ -32,9 +34,10 @@ def _is_traced_linear(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of an nn.Linear or a traced linear; None for anything else."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
+    """(in_features, out_features) of an nn.Linear, a transformers Conv1D or a traced linear; None otherwise."""
+    features = linear_like_features(module)
+    if features is not None:
+        return features
     if _is_traced_linear(module):
         out_features, in_features = module.weight.shape
         return in_features, out_features

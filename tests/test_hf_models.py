@@ -146,6 +146,17 @@ def test_gpt2_conv1d_is_tensor_parallel_and_its_tied_head_counts_once():
     assert layers["gpt.lm_head"].num_params == 0  # its weight is wte's, counted where it is first used
 
 
+def test_validate_recosts_a_gpt2_plan_with_conv1d_tensor_parallel_units():
+    """`meshplan validate`'s check accepts Conv1D units (not only nn.Linear) and re-costs the edit exactly."""
+    from meshplan.validate import recost_file
+
+    pinned = pinned_tensor_parallel(MODELS["gpt2"])
+    tensor_layers = [layer.path for layer in pinned.layers if layer.strategy == "tensor"]
+    assert tensor_layers == ["gpt.transformer.h.0", "gpt.transformer.h.1"]
+    recosted = recost_file(pinned, MODELS["gpt2"], "cpu")
+    assert recosted.prediction.peak_memory_mib > 0 and recosted.prediction.step_time_ms > 0
+
+
 def test_bert_head_with_layernorm_and_tied_decoder_is_not_tensor_parallel():
     """bert.cls is dense -> LayerNorm -> decoder (tied to the word embedding): sharding dense's outputs would
     normalise a shard, and sharding the decoder would shard the embedding, so it has no unit; the encoder
