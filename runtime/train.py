@@ -30,6 +30,7 @@ from runtime.measure import PeakMemoryProbe
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
+from runtime.preflight import check_machine_has_devices
 from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
 from runtime.watchdog import SETUP_STEP, Watchdog
@@ -55,10 +56,9 @@ class RankResult:
 
 
 def device_for(plan: Plan) -> torch.device:
+    """This rank's device: its current GPU for a CUDA plan (refused, as preflight does, without one), else CPU."""
     if plan.cluster.get("device_type") == "cuda":
-        if not torch.cuda.is_available():
-            raise PlanError(f"the plan targets CUDA devices ({plan.cluster.get('name')}) but this machine has "
-                            "none; plan for the 'cpu' cluster to run on CPU processes")
+        check_machine_has_devices(plan, 1)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
