@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 
 from costmodel import Cluster, ClusterError
-from planner.plan_schema import PlanError, from_plain, to_plain
+from planner.plan_schema import OMIT_IF_DEFAULT, PlanError, from_plain, to_plain
 
 SCHEMA_VERSION = 2
-STRATEGIES = ("replicate", "tensor", "vocab")
+STRATEGIES = ("replicate", "tensor", "tensor2d", "vocab")
 DATA_PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3")
 CHECKPOINT_KINDS = ("none", "selective", "full")
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
@@ -110,11 +110,19 @@ class LayerPlan:
     kind: str
     """Layers with the same kind are structurally identical and were costed once."""
     strategy: str
-    """`replicate` (every tp rank runs the whole layer), `tensor` (its units are sharded over tp) or `vocab`
-    (the layer is an nn.Embedding sharded on its rows, or an output-head nn.Linear sharded on its output
-    features whose logits stay sharded into a cross-entropy loss computed with `loss_parallel`; pp = 1)."""
+    """`replicate` (every tp rank runs the whole layer), `tensor` (its units are sharded over tp, Megatron
+    style), `tensor2d` (its units are sharded over tp laid out as a `tp_rows` x tp / tp_rows grid, see
+    `tp_rows`) or `vocab` (the layer is an nn.Embedding sharded on its rows, or an output-head nn.Linear
+    sharded on its output features whose logits stay sharded into a cross-entropy loss computed with
+    `loss_parallel`; pp = 1)."""
     tensor_parallel: list[TensorParallelUnitPlan] = field(default_factory=list)
-    """Units applied when strategy is `tensor`; paths relative to the layer."""
+    """Units applied when strategy is `tensor` or `tensor2d`; paths relative to the layer."""
+    tp_rows: int = field(default=0, metadata=OMIT_IF_DEFAULT)
+    """`tensor2d` layers only (0 otherwise, and then not written): the tp group as a grid of tp_rows x
+    (tp / tp_rows) ranks, both >= 2. Inside each unit, activations split their batch over the rows and their
+    features over the columns; every linear's weight splits its input features over the rows and its output
+    features over the columns. Each linear all-gathers its input over the columns and its weight over the
+    rows (SUMMA as all-gathers); the unit's output is gathered back to every rank."""
     sequence_parallel: bool = False
     """`tensor` layers only: norms and dropout outside the units run sharded on the sequence dimension."""
     stage: int = 0
@@ -217,8 +225,8 @@ class Plan:
 
     @property
     def uses_tensor_parallel(self) -> bool:
-        """Some layer is sharded over tp > 1 (`tensor` or `vocab`): its parameters are DTensors."""
-        return self.mesh.tp > 1 and any(layer.strategy in ("tensor", "vocab") for layer in self.layers)
+        """Some layer is sharded over tp > 1 (`tensor`, `tensor2d` or `vocab`): its parameters are DTensors."""
+        return self.mesh.tp > 1 and any(layer.strategy in ("tensor", "tensor2d", "vocab") for layer in self.layers)
 
     @property
     def micro_batch_size(self) -> int:
@@ -272,6 +280,7 @@ class Plan:
                 raise PlanError(f"{source}: {where} has strategy 'vocab', which shards the whole layer on the "
                                 "vocabulary with pp = 1 and takes no tensor_parallel units, checkpoint or "
                                 "offload_activations; remove them or use strategy 'replicate'")
+            self._validate_tensor_2d(source, where, layer)
             if layer.sequence_parallel and (layer.strategy != "tensor" or mesh.tp == 1):
                 raise PlanError(f"{source}: {where} has sequence_parallel but is not tensor-parallel on tp > 1")
             if not previous_stage <= layer.stage <= previous_stage + 1:
@@ -283,6 +292,23 @@ class Plan:
             raise PlanError(f"{source}: the layers use stages 0..{previous_stage}, but pp={mesh.pp} x "
                             f"virtual_stages={pipe.virtual_stages} needs stages 0..{self.num_stages - 1}; "
                             "give every stage at least one layer")
+
+    def _validate_tensor_2d(self, source: str, where: str, layer: LayerPlan) -> None:
+        """A `tensor2d` layer names units and a grid of at least 2 x 2 that tiles tp; no other layer has tp_rows."""
+        tp = self.mesh.tp
+        if layer.strategy != "tensor2d":
+            if layer.tp_rows:
+                raise PlanError(f"{source}: {where} has tp_rows {layer.tp_rows} but strategy {layer.strategy!r}; "
+                                "tp_rows belongs to strategy 'tensor2d' only, remove it")
+            return
+        if not layer.tensor_parallel:
+            raise PlanError(f"{source}: {where} has strategy 'tensor2d' but no tensor_parallel units; "
+                            "this layer has no column/row linear pairs, use strategy 'replicate'")
+        if layer.tp_rows < 2 or tp % layer.tp_rows or tp // layer.tp_rows < 2:
+            grids = [f"{r}" for r in range(2, tp // 2 + 1) if tp % r == 0 and tp // r >= 2]
+            fix = f"use one of {', '.join(grids)}" if grids else "tp must be at least 4 and not prime; use 'tensor'"
+            raise PlanError(f"{source}: {where} has strategy 'tensor2d' with tp_rows {layer.tp_rows}, which does "
+                            f"not lay tp={tp} out as a grid of at least 2 x 2 ranks; {fix}")
 
     def _validate_sizes(self, source: str) -> None:
         """Sizes that no plan can have (a person's typo or a fuzzed file): empty batches, negative counts,

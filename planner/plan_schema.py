@@ -96,10 +96,16 @@ def from_plain(tp: Any, value: Any, field: str, source: str) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} at {field}")
 
 
+OMIT_IF_DEFAULT = {"omit_if_default": True}
+"""Field metadata: `to_plain` leaves the field out while it holds its default (a rarely used field, such as a
+layer's `tp_rows`, then adds no line to every plan); loading fills the default back in."""
+
+
 def to_plain(obj: Any) -> Any:
     """Dataclasses -> dicts in field order (so YAML keeps a readable, stable order)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, list):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
