@@ -103,7 +103,8 @@ def format_stages(plan: Plan) -> list[str]:
     rows, stage_of_row = [], []
     for layer in plan.layers:
         units = "; ".join(f"{','.join(u.colwise)}->{u.rowwise}" for u in layer.tensor_parallel) or "-"
-        rows.append([f"  {layer.path or '<root>'}", layer.strategy, units, "yes" if layer.sequence_parallel else "-",
+        strategy = f"tensor2d {layer.tp_rows}x{plan.mesh.tp // layer.tp_rows}" if layer.tp_rows else layer.strategy
+        rows.append([f"  {layer.path or '<root>'}", strategy, units, "yes" if layer.sequence_parallel else "-",
                      layer.checkpoint, "yes" if layer.offload_activations else "-", f"{layer.predicted_time_ms:.3f}",
                      f"{layer.predicted_memory_mib:.3f}"])
         stage_of_row.append(layer.stage)

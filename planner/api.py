@@ -67,8 +67,9 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
     for i, (layer, (time_ms, memory_mib)) in enumerate(zip(graph.layers, layer_predictions(best), strict=True)):
         option = best.choice[i].option
         units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
-            if option.strategy == "tensor" else []
+            if option.strategy in ("tensor", "tensor2d") else []
         layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
+                                tp_rows=option.tp_rows,
                                 sequence_parallel=option.sequence_parallel, stage=stage_of[i],
                                 checkpoint=option.checkpoint, offload_activations=option.offload_activations,
                                 predicted_time_ms=time_ms, predicted_memory_mib=memory_mib))

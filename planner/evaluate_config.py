@@ -65,6 +65,7 @@ from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
+from planner.tensor_parallel_2d import grid_rows_options, supports_tensor_parallel_2d
 from planner.vocab_parallel import supports_vocab_parallel
 
 
@@ -146,8 +147,11 @@ class ConfigPricer:
             scale = micro_batch_size / self.graph.sample_batch_size
             # the runtime's sequence parallelism (DTensor styles for nn.Linear) does not run Conv1D units
             sequence_ok = not pipelined and not self._has_conv1d_units(layer)
+            grids = [rows for rows in grid_rows_options(tp) if self._tp_ok[tp_key]
+                     and supports_tensor_parallel_2d(layer, rows, tp // rows, micro_batch_size)]
             options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok,
-                                    vocab_parallel_ok=self._vocab_ok[tp_key] and not pipelined)
+                                    vocab_parallel_ok=self._vocab_ok[tp_key] and not pipelined,
+                                    tensor_2d_rows=grids)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
                                 for o in options]
         return self._micro[key]

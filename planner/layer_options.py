@@ -25,6 +25,7 @@ Blind spots: activations are traced in float32 and scaled by the parameter dtype
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -40,6 +41,12 @@ from costmodel import (
 )
 from planner.linear_modules import linear_like_features
 from planner.model_graph import LayerFacts
+from planner.tensor_parallel_2d import (
+    tensor_2d_collectives,
+    tensor_2d_communication_s,
+    tensor_2d_extra_saved_bytes,
+    tensor_2d_local_num_params,
+)
 
 CHECKPOINTS = ("none", "selective", "full")
 TRACED_DTYPE_BYTES = 4  # the planner traces on float32 fake tensors
@@ -50,15 +57,18 @@ class LayerOption:
     """One choice for one layer."""
 
     strategy: str
-    """`replicate`, `tensor` or `vocab`."""
+    """`replicate`, `tensor`, `tensor2d` or `vocab`."""
     checkpoint: str = "none"
     offload_activations: bool = False
     sequence_parallel: bool = False
     """`tensor` only: norms, dropout and the residual stream inside the layer are sharded on the sequence."""
+    tp_rows: int = 0
+    """`tensor2d` only: the rows of the tp grid (planner/tensor_parallel_2d.py)."""
 
     @property
     def label(self) -> str:
-        parts = [self.strategy + ("+sp" if self.sequence_parallel else "")]
+        grid = f"({self.tp_rows}-row grid)" if self.tp_rows else ""
+        parts = [self.strategy + grid + ("+sp" if self.sequence_parallel else "")]
         if self.checkpoint != "none":
             parts.append(f"ckpt-{self.checkpoint}")
         if self.offload_activations:
@@ -111,24 +121,29 @@ def supports_tensor_parallel(model: nn.Module, layer: LayerFacts, tp: int) -> bo
 
 
 def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster,
-                  sequence_parallel_ok: bool = False, vocab_parallel_ok: bool = False) -> list[LayerOption]:
+                  sequence_parallel_ok: bool = False, vocab_parallel_ok: bool = False,
+                  tensor_2d_rows: Sequence[int] = ()) -> list[LayerOption]:
     """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties).
 
     Sequence parallelism is offered with tensor parallelism when the caller allows it (the runtime runs it
-    without a pipeline only); so is vocabulary parallelism, alone (no checkpointing or offload)."""
+    without a pipeline only); so is vocabulary parallelism, alone (no checkpointing or offload). 2-D tensor
+    parallelism is offered on each grid of `tensor_2d_rows`, without selective checkpointing (which would
+    re-gather every weight in backward)."""
     strategies = [("replicate", False)] + ([("tensor", False)] if tensor_parallel_ok else []) + (
         [("tensor", True)] if tensor_parallel_ok and sequence_parallel_ok else [])
     offloads = [False, True] if cluster.host_link is not None and layer.saved_bytes else [False]
     checkpoints = CHECKPOINTS if layer.fwd_flops > 0 and layer.saved_bytes > layer.input_bytes else ("none",)
     options = [LayerOption(s, c, o, sp) for s, sp in strategies for o in offloads for c in checkpoints
                if not (o and c != "none")]
+    options += [LayerOption("tensor2d", c, o, tp_rows=rows) for rows in tensor_2d_rows for o in offloads
+                for c in checkpoints if c != "selective" and not (o and c != "none")]
     return options + ([LayerOption("vocab")] if vocab_parallel_ok else [])
 
 
 def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_scale: float, cluster: Cluster,
                        param_dtype: str = "float32") -> OptionCost:
     """Time per micro-batch and activation bytes of `layer` under `option` (see the module docstring)."""
-    shard = tp if option.strategy in ("tensor", "vocab") else 1
+    shard = tp if option.strategy in ("tensor", "tensor2d", "vocab") else 1
     act_scale = batch_scale * dtype_bytes(param_dtype) / TRACED_DTYPE_BYTES
     # sequence parallelism shards the rest of the layer (norms, residual, dropout) too
     outside = shard if option.sequence_parallel else 1
@@ -138,7 +153,7 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
 
     fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
                                                   outside)
-    allreduce_s = 0.0
+    allreduce_s = backward_s = 0.0
     if shard > 1 and option.strategy == "tensor":
         group = list(range(tp))
         # with sequence parallelism each all-reduce is a reduce-scatter + an all-gather: the same bytes
@@ -150,8 +165,18 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
         allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
     inputs = int(layer.input_bytes * act_scale)
-    # tensor: the same bytes all-reduced in forward and backward; vocab: its two all-reduces, summed above
-    tp_comm_s = allreduce_s if option.strategy == "vocab" else 2 * allreduce_s
+    local_num_params = int(per_rank(layer.num_params, layer.tp_num_params, shard))
+    if option.strategy == "tensor2d":
+        rows, cols = option.tp_rows, tp // option.tp_rows
+        collectives = tensor_2d_collectives(layer, rows, cols, act_scale, dtype_bytes(param_dtype))
+        forward_comm_s, backward_comm_s = tensor_2d_communication_s(collectives, rows, cols, cluster)
+        allreduce_s = exposed_time_s(forward_comm_s, fwd_s, cluster.overlap.tensor_parallel)
+        backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
+        saved += tensor_2d_extra_saved_bytes(layer, rows, cols, act_scale, dtype_bytes(param_dtype))
+        local_num_params = tensor_2d_local_num_params(layer, rows, cols)
+    # tensor: the same bytes all-reduced in forward and backward; vocab: its two all-reduces, summed above;
+    # tensor2d: its forward collectives (allreduce_s) and backward ones
+    tp_comm_s = {"vocab": allreduce_s, "tensor2d": allreduce_s + backward_s}.get(option.strategy, 2 * allreduce_s)
     recompute_s, offload_s = 0.0, 0.0
     if option.checkpoint == "full":
         kept = min(inputs, saved)
@@ -168,7 +193,7 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
                       offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
                       # norm parameters stay replicated under sequence parallelism: only units shard weights
-                      local_num_params=int(per_rank(layer.num_params, layer.tp_num_params, shard)),
+                      local_num_params=local_num_params,
                       forward_s=fwd_s + allreduce_s + offload_s / 2)
 
 

@@ -22,7 +22,7 @@ from planner.capture import CapturedStep, capture_training_step
 from planner.layer_chain import find_layer_chain, repeated_stack_path
 from planner.linear_modules import is_linear_like
 from planner.model_spec import ModelSpec
-from planner.tensor_parallel_units import TensorParallelUnit, find_tensor_parallel_units
+from planner.tensor_parallel_units import TensorParallelUnit, UnitLinearFacts, find_tensor_parallel_units
 from planner.vocab_parallel import mark_vocab_parallel
 
 _MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward",
@@ -79,6 +79,8 @@ class LayerFacts:
     tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
     """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    tp_linears: list[UnitLinearFacts] = field(default_factory=list)
+    """Every linear of tp_units, in unit order (what 2-D tensor parallelism gathers, planner/tensor_parallel_2d.py)."""
     vocab_parallel: str = ""
     """`embedding` (an nn.Embedding layer) or `head` (an nn.Linear whose logits go straight into a cross-entropy
     loss): the layer can be sharded on the vocabulary (strategy `vocab`, planner/vocab_parallel.py); "" when
@@ -261,7 +263,7 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         facts[path].tp_units = units
         for unit in units:
             _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
-                            node_by_name, params, tp_region, facts[path], captured.param_names)
+                            node_by_name, params, tp_region, facts[path], captured.param_names, sample_batch_size)
         if not units:
             mark_vocab_parallel(model, graph, facts[path], layer_nodes, node_by_name, linear_outputs,
                                 captured.module_path, captured.phase, tp_region)
@@ -448,7 +450,8 @@ def _unit_is_shardable(graph: nx.DiGraph, layer_path: str, unit: TensorParallelU
 def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],
                     linear_outputs: dict[str, str], linear_inputs: dict[str, str], module_path: dict[str, str],
                     node_by_name: dict[str, torch.fx.Node], params: dict[str, nn.Parameter],
-                    tp_region: dict[str, bool], fact: LayerFacts, param_names: dict[str, str]) -> None:
+                    tp_region: dict[str, bool], fact: LayerFacts, param_names: dict[str, str],
+                    sample_batch_size: int) -> None:
     """Mark forward nodes from the unit's column linears to its row linear (inclusive) as sharded by tp.
 
     The region is every forward node of the layer downstream of a column linear's output and not downstream
@@ -482,6 +485,27 @@ def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit
                 fact.tp_num_params += p.numel()
     fact.tp_allreduce_bytes += sum(_nbytes(node_by_name[n].meta.get("val"))
                                    for n, p in linear_outputs.items() if p == row_path)
+    for rel in (*unit.colwise, unit.rowwise):
+        fact.tp_linears.append(_unit_linear_facts(rel, full(rel), rel == unit.rowwise, linear_outputs, linear_inputs,
+                                                  node_by_name, params, sample_batch_size))
+
+
+def _unit_linear_facts(rel: str, path: str, rowwise: bool, linear_outputs: dict[str, str],
+                       linear_inputs: dict[str, str], node_by_name: dict[str, torch.fx.Node],
+                       params: dict[str, nn.Parameter], sample_batch_size: int) -> UnitLinearFacts:
+    weight = params[f"{path}.weight"]
+    # nn.Linear keeps weight [out, in]; transformers Conv1D keeps [in, out] and has `nf` output features
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    outputs = [node_by_name[n].meta.get("val") for n, p in linear_outputs.items() if p == path]
+    output_bytes = sum(_nbytes(v) for v in outputs)
+    if outputs and _tensors(outputs[0]) and _tensors(outputs[0])[0].shape[-1] != out_features:
+        in_features, out_features = out_features, in_features
+    value = node_by_name[linear_inputs[path]].meta.get("val")
+    tensors = _tensors(value)
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 1 else 0
+    return UnitLinearFacts(path=rel, rowwise=rowwise, in_features=int(in_features), out_features=int(out_features),
+                           has_bias=f"{path}.bias" in params, input_bytes=_nbytes(value), output_bytes=output_bytes,
+                           batch_first=bool(batch) and batch == sample_batch_size)
 
 
 def _assign_kinds(model, nodes, layer_of_node, captured, facts) -> None:

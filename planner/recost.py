@@ -85,7 +85,7 @@ def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, 
                     raise PlanError(f"{where}.tensor_parallel names {rel!r}, a {type(module).__name__}, not an "
                                     "nn.Linear (or transformers Conv1D); only linears can be split by columns "
                                     "or rows")
-        if layer.strategy == "tensor":
+        if layer.strategy in ("tensor", "tensor2d"):
             found = sorted((sorted(u.colwise), u.rowwise) for u in facts.tp_units)
             given = sorted((sorted(u.colwise), u.rowwise) for u in layer.tensor_parallel)
             if found != given:
@@ -97,7 +97,8 @@ def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, 
 def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOption:
     """The PricedOption of layer `index`'s choice, or a PlanError listing the choices this layer has."""
     layer = plan.layers[index]
-    wanted = LayerOption(layer.strategy, layer.checkpoint, layer.offload_activations, layer.sequence_parallel)
+    wanted = LayerOption(layer.strategy, layer.checkpoint, layer.offload_activations, layer.sequence_parallel,
+                         layer.tp_rows)
     for p in priced:
         if p.option == wanted:
             return p
@@ -105,6 +106,10 @@ def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOptio
     hints = []
     if layer.strategy == "tensor":
         hints.append(f"strategy 'tensor' needs tp > 1 and every unit's linears divisible by tp={plan.mesh.tp}")
+    if layer.strategy == "tensor2d":
+        hints.append(f"strategy 'tensor2d' needs units whose linears split their input features by tp_rows="
+                     f"{layer.tp_rows} and output features by tp / tp_rows, batch-first activations, a micro-batch "
+                     f"divisible by tp_rows, and checkpoint 'none' or 'full'")
     if layer.strategy == "vocab":
         hints.append(f"strategy 'vocab' needs pp = 1, tp > 1, and an untied nn.Embedding or an nn.Linear head "
                      f"feeding F.cross_entropy whose vocabulary is divisible by tp={plan.mesh.tp}")

@@ -22,6 +22,24 @@ class TensorParallelUnit:
     rowwise: str
 
 
+@dataclass(frozen=True)
+class UnitLinearFacts:
+    """One linear of a tensor-parallel unit as traced at the sample batch: what 2-D tensor parallelism moves."""
+
+    path: str
+    """Relative to the layer, as in TensorParallelUnit."""
+    rowwise: bool
+    """The unit's last linear (its output leaves the unit); False for the column linears that read its input."""
+    in_features: int
+    out_features: int
+    has_bias: bool
+    input_bytes: int
+    """The activation the linear reads (float32 at the sample batch)."""
+    output_bytes: int
+    batch_first: bool
+    """The input's leading dimension is the sample batch: 2-D tensor parallelism splits it over the grid's rows."""
+
+
 def _upstream_linears(graph: nx.DiGraph, start: str, linear_of: dict[str, str], layer_nodes: set[str]) -> set[str]:
     """Linear modules whose output reaches `start` without passing another linear, inside the layer."""
     found, seen, pending = set(), set(), [start]

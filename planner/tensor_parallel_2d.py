@@ -1,0 +1,115 @@
+"""2-D tensor parallelism (strategy `tensor2d`): what it moves, keeps and holds, per layer and micro-batch.
+
+The tp group of a layer is laid out as a grid of `rows` x `cols` ranks (rank r * cols + c; the columns are
+contiguous ranks). Inside each tensor-parallel unit the runtime (runtime/tensor_parallel_2d.py) keeps
+activations split by batch over the rows and by features over the columns, and every linear's weight split by
+input features over the rows and output features over the columns, so each rank stores 1/(rows x cols) of the
+weights. Every linear all-gathers its weight over the rows and its input over the columns and multiplies
+locally (SUMMA written as all-gathers, as in Optimus); the unit's output is gathered back to every rank, so the
+layer's boundaries are the same as under 1-D tensor parallelism.
+
+Per micro-batch, as DTensor runs it (the collectives are checked against a census of what DTensor issues,
+tests/test_tensor_parallel_2d_costs.py), with A = a linear's input bytes and W = its weight bytes:
+- forward: every linear all-gathers W / cols over the rows; the row linear all-gathers A / rows over the
+  columns; the unit output (O bytes) is all-gathered over the columns (O / rows) and then over the rows (O).
+- backward: every linear reduce-scatters its weight gradient (W / cols) over the rows and all-reduces its bias
+  gradient (bias / cols) over the rows; the row linear reduce-scatters its input gradient (A / rows) over the
+  columns; every column linear all-reduces its input gradient (A / rows) over the columns and all-gathers it
+  (A) over the rows.
+Against 1-D tensor parallelism (two all-reduces of O per unit, forward and backward) this trades activation
+traffic that does not shrink with tp for weight traffic that shrinks with the rows: it pays when a micro-batch
+holds many tokens per hidden feature (long sequences, narrow layers) and tp is large.
+Memory beyond 1-D: every linear keeps its gathered weight (W / cols) for backward, and the row linear its input
+gathered over the columns (A / rows instead of A / tp). Biases are split over the columns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodel import Cluster, all_gather_time_s, all_reduce_time_s, reduce_scatter_time_s
+from planner.model_graph import LayerFacts
+
+_TIME_OF = {"all_gather": all_gather_time_s, "reduce_scatter": reduce_scatter_time_s,
+            "all_reduce": all_reduce_time_s}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of one micro-batch."""
+
+    kind: str
+    """`all_gather` (num_bytes = the gathered output), `reduce_scatter` (the input) or `all_reduce`."""
+    axis: str
+    """`rows` (ranks c, c + cols, ...) or `cols` (ranks r * cols .. r * cols + cols - 1)."""
+    num_bytes: float
+    phase: str
+    """`forward` or `backward`."""
+
+
+def grid_rows_options(tp: int) -> list[int]:
+    """Every row count that lays tp out as a grid of at least 2 x 2."""
+    return [rows for rows in range(2, tp // 2 + 1) if tp % rows == 0 and tp // rows >= 2]
+
+
+def supports_tensor_parallel_2d(layer: LayerFacts, rows: int, cols: int, micro_batch_size: int) -> bool:
+    """True when every unit linear splits its input features by rows and output features by cols, and reads a
+    batch-first activation whose micro-batch splits by rows."""
+    if not layer.tp_linears or micro_batch_size % rows:
+        return False
+    return all(lin.batch_first and lin.in_features % rows == 0 and lin.out_features % cols == 0
+               for lin in layer.tp_linears)
+
+
+def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: float,
+                          param_bytes: int) -> list[Collective]:
+    """The collectives of one micro-batch (see the module docstring); act_scale turns traced activation bytes
+    into this micro-batch's, param_bytes is the bytes of one parameter element."""
+    found = []
+    for lin in layer.tp_linears:
+        weight_bytes = lin.in_features * lin.out_features * param_bytes
+        found.append(Collective("all_gather", "rows", weight_bytes / cols, "forward"))
+        found.append(Collective("reduce_scatter", "rows", weight_bytes / cols, "backward"))
+        if lin.has_bias:
+            found.append(Collective("all_reduce", "rows", lin.out_features * param_bytes / cols, "backward"))
+        inputs = lin.input_bytes * act_scale
+        if lin.rowwise:
+            output = lin.output_bytes * act_scale
+            found += [Collective("all_gather", "cols", inputs / rows, "forward"),
+                      Collective("all_gather", "cols", output / rows, "forward"),
+                      Collective("all_gather", "rows", output, "forward"),
+                      Collective("reduce_scatter", "cols", inputs / rows, "backward")]
+        else:
+            found += [Collective("all_reduce", "cols", inputs / rows, "backward"),
+                      Collective("all_gather", "rows", inputs, "backward")]
+    return found
+
+
+def tensor_2d_communication_s(collectives: list[Collective], rows: int, cols: int,
+                              cluster: Cluster) -> tuple[float, float]:
+    """(forward, backward) seconds of the collectives, each over the first group of its axis."""
+    groups = {"rows": [r * cols for r in range(rows)], "cols": list(range(cols))}
+    seconds = {"forward": 0.0, "backward": 0.0}
+    for c in collectives:
+        seconds[c.phase] += _TIME_OF[c.kind](c.num_bytes, groups[c.axis], cluster)
+    return seconds["forward"], seconds["backward"]
+
+
+def tensor_2d_extra_saved_bytes(layer: LayerFacts, rows: int, cols: int, act_scale: float,
+                                param_bytes: int) -> int:
+    """Bytes kept from forward to backward beyond what 1-D tensor parallelism over rows x cols keeps: the
+    gathered weights, and the row linears' inputs gathered over the columns."""
+    tp = rows * cols
+    extra = 0.0
+    for lin in layer.tp_linears:
+        extra += lin.in_features * lin.out_features * param_bytes / cols
+        if lin.rowwise:
+            extra += lin.input_bytes * act_scale * (1 / rows - 1 / tp)
+    return int(extra)
+
+
+def tensor_2d_local_num_params(layer: LayerFacts, rows: int, cols: int) -> int:
+    """Parameters on one rank: unit weights split over the grid, unit biases over its columns, the rest whole."""
+    weights = sum(lin.in_features * lin.out_features for lin in layer.tp_linears)
+    biases = sum(lin.out_features for lin in layer.tp_linears if lin.has_bias)
+    return int(layer.num_params - weights - biases + weights / (rows * cols) + biases / cols)
