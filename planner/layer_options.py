@@ -9,8 +9,10 @@ traffic and saved bytes are divided by tp):
 - compute = roofline time of forward + backward FLOPs and memory-bound traffic (costmodel.op_time_s).
 - recompute: `full` repeats the whole forward (and its tensor-parallel all-reduce); `selective` repeats only
   the non-matmul forward ops (memory-bound), keeping matmul outputs.
-- tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the
-  column-linear input gradient in backward (Megatron's f/g), over the contiguous tp group.
+- tensor-parallel communication: one all-reduce of the row-linear output in forward and, in backward, one of
+  each column linear's input gradient (Megatron's g and f; torch's ColwiseParallel reduces q, k and v
+  separately), over the contiguous tp group. Under sequence parallelism: an all-gather and a reduce-scatter
+  per unit each way, and the layer output's all-gather. `tensor2d`: planner/tensor_parallel_collectives.py.
 - vocabulary parallelism (`vocab`, planner/vocab_parallel.py): the embedding's or head's marked ops divide by
   tp; communication is the layer's own forward all-reduce (embedding output, or the loss's per-row max, sum of
   exponentials and target logit) and backward all-reduce (the head's input gradient). Offered only with
@@ -41,9 +43,10 @@ from costmodel import (
 )
 from planner.linear_modules import linear_like_features
 from planner.model_graph import LayerFacts
-from planner.tensor_parallel_2d import (
+from planner.tensor_parallel_collectives import (
+    communication_s,
+    tensor_1d_collectives,
     tensor_2d_collectives,
-    tensor_2d_communication_s,
     tensor_2d_extra_saved_bytes,
     tensor_2d_local_num_params,
 )
@@ -63,7 +66,7 @@ class LayerOption:
     sequence_parallel: bool = False
     """`tensor` only: norms, dropout and the residual stream inside the layer are sharded on the sequence."""
     tp_rows: int = 0
-    """`tensor2d` only: the rows of the tp grid (planner/tensor_parallel_2d.py)."""
+    """`tensor2d` only: the rows of the tp grid (planner/tensor_parallel_collectives.py)."""
 
     @property
     def label(self) -> str:
@@ -161,6 +164,12 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
         allreduce_s = exposed_time_s(allreduce_s, fwd_s, cluster.overlap.tensor_parallel)
         if option.sequence_parallel:  # the layer's output is gathered back to replicated, forward and backward
             allreduce_s += all_gather_time_s(layer.input_bytes * act_scale, group, cluster)
+            backward_s = allreduce_s
+        else:
+            backward_s = allreduce_s
+            if layer.tp_linears:
+                backward_s = exposed_time_s(communication_s(tensor_1d_collectives(layer, act_scale), 1, tp, cluster)[1],
+                                            bwd_s, cluster.overlap.tensor_parallel)
     if shard > 1 and option.strategy == "vocab":
         allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
@@ -169,14 +178,13 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     if option.strategy == "tensor2d":
         rows, cols = option.tp_rows, tp // option.tp_rows
         collectives = tensor_2d_collectives(layer, rows, cols, act_scale, dtype_bytes(param_dtype))
-        forward_comm_s, backward_comm_s = tensor_2d_communication_s(collectives, rows, cols, cluster)
+        forward_comm_s, backward_comm_s = communication_s(collectives, rows, cols, cluster)
         allreduce_s = exposed_time_s(forward_comm_s, fwd_s, cluster.overlap.tensor_parallel)
         backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
         saved += tensor_2d_extra_saved_bytes(layer, rows, cols, act_scale, dtype_bytes(param_dtype))
         local_num_params = tensor_2d_local_num_params(layer, rows, cols)
-    # tensor: the same bytes all-reduced in forward and backward; vocab: its two all-reduces, summed above;
-    # tensor2d: its forward collectives (allreduce_s) and backward ones
-    tp_comm_s = {"vocab": allreduce_s, "tensor2d": allreduce_s + backward_s}.get(option.strategy, 2 * allreduce_s)
+    # tensor and tensor2d: forward (allreduce_s) and backward collectives; vocab: its two all-reduces, summed above
+    tp_comm_s = allreduce_s + backward_s
     recompute_s, offload_s = 0.0, 0.0
     if option.checkpoint == "full":
         kept = min(inputs, saved)

@@ -78,9 +78,10 @@ class LayerFacts:
     tp_saved_bytes: int = 0
     tp_matmul_saved_bytes: int = 0
     tp_allreduce_bytes: int = 0
-    """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces as many."""
+    """Bytes all-reduced per tensor-parallel step in forward (row outputs); backward all-reduces each column
+    linear's input gradient (tp_linears)."""
     tp_linears: list[UnitLinearFacts] = field(default_factory=list)
-    """Every linear of tp_units, in unit order (what 2-D tensor parallelism gathers, planner/tensor_parallel_2d.py)."""
+    """Every linear of tp_units, in unit order: what their collectives move (planner/tensor_parallel_collectives.py)."""
     vocab_parallel: str = ""
     """`embedding` (an nn.Embedding layer) or `head` (an nn.Linear whose logits go straight into a cross-entropy
     loss): the layer can be sharded on the vocabulary (strategy `vocab`, planner/vocab_parallel.py); "" when

@@ -1,4 +1,12 @@
-"""2-D tensor parallelism (strategy `tensor2d`): what it moves, keeps and holds, per layer and micro-batch.
+"""The collectives of a tensor-parallel layer per micro-batch, as DTensor runs them, and what 2-D tensor
+parallelism keeps and holds beyond 1-D. Both lists are checked against a census of the collectives DTensor
+issues (tests/test_tensor_parallel_collectives.py).
+
+1-D (`tensor`, Megatron style, torch's ColwiseParallel / RowwiseParallel over the contiguous tp group, axis
+`tp`): forward all-reduces each unit's output; backward all-reduces each column linear's input gradient
+(q, k and v each theirs: every ColwiseParallel module turns its input into a DTensor on its own).
+
+2-D (`tensor2d`):
 
 The tp group of a layer is laid out as a grid of `rows` x `cols` ranks (rank r * cols + c; the columns are
 contiguous ranks). Inside each tensor-parallel unit the runtime (runtime/tensor_parallel_2d.py) keeps
@@ -8,8 +16,7 @@ weights. Every linear all-gathers its weight over the rows and its input over th
 locally (SUMMA written as all-gathers, as in Optimus); the unit's output is gathered back to every rank, so the
 layer's boundaries are the same as under 1-D tensor parallelism.
 
-Per micro-batch, as DTensor runs it (the collectives are checked against a census of what DTensor issues,
-tests/test_tensor_parallel_2d_costs.py), with A = a linear's input bytes and W = its weight bytes:
+Per micro-batch, with A = a linear's input bytes and W = its weight bytes:
 - forward: every linear all-gathers W / cols over the rows; the row linear all-gathers A / rows over the
   columns; the unit output (O bytes) is all-gathered over the columns (O / rows) and then over the rows (O).
 - backward: every linear reduce-scatters its weight gradient (W / cols) over the rows and all-reduces its bias
@@ -41,7 +48,7 @@ class Collective:
     kind: str
     """`all_gather` (num_bytes = the gathered output), `reduce_scatter` (the input) or `all_reduce`."""
     axis: str
-    """`rows` (ranks c, c + cols, ...) or `cols` (ranks r * cols .. r * cols + cols - 1)."""
+    """`tp` (the whole tp group), `rows` (ranks c, c + cols, ...) or `cols` (ranks r * cols .. r * cols + cols - 1)."""
     num_bytes: float
     phase: str
     """`forward` or `backward`."""
@@ -59,6 +66,17 @@ def supports_tensor_parallel_2d(layer: LayerFacts, rows: int, cols: int, micro_b
         return False
     return all(lin.batch_first and lin.in_features % rows == 0 and lin.out_features % cols == 0
                for lin in layer.tp_linears)
+
+
+def tensor_1d_collectives(layer: LayerFacts, act_scale: float) -> list[Collective]:
+    """The collectives of one micro-batch of a `tensor` layer without sequence parallelism."""
+    found = []
+    for lin in layer.tp_linears:
+        if lin.rowwise:
+            found.append(Collective("all_reduce", "tp", lin.output_bytes * act_scale, "forward"))
+        else:
+            found.append(Collective("all_reduce", "tp", lin.input_bytes * act_scale, "backward"))
+    return found
 
 
 def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: float,
@@ -85,10 +103,10 @@ def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: fl
     return found
 
 
-def tensor_2d_communication_s(collectives: list[Collective], rows: int, cols: int,
-                              cluster: Cluster) -> tuple[float, float]:
-    """(forward, backward) seconds of the collectives, each over the first group of its axis."""
-    groups = {"rows": [r * cols for r in range(rows)], "cols": list(range(cols))}
+def communication_s(collectives: list[Collective], rows: int, cols: int, cluster: Cluster) -> tuple[float, float]:
+    """(forward, backward) seconds of the collectives, each over the first group of its axis (for 1-D: rows =
+    1, cols = tp)."""
+    groups = {"tp": list(range(rows * cols)), "rows": [r * cols for r in range(rows)], "cols": list(range(cols))}
     seconds = {"forward": 0.0, "backward": 0.0}
     for c in collectives:
         seconds[c.phase] += _TIME_OF[c.kind](c.num_bytes, groups[c.axis], cluster)
