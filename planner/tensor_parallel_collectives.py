@@ -19,10 +19,11 @@ layer's boundaries are the same as under 1-D tensor parallelism.
 Per micro-batch, with A = a linear's input bytes and W = its weight bytes:
 - forward: every linear all-gathers W / cols over the rows; the row linear all-gathers A / rows over the
   columns; the unit output (O bytes) is all-gathered over the columns (O / rows) and then over the rows (O).
-- backward: every linear reduce-scatters its weight gradient (W / cols) over the rows and all-reduces its bias
-  gradient (bias / cols) over the rows; the row linear reduce-scatters its input gradient (A / rows) over the
-  columns; every column linear all-reduces its input gradient (A / rows) over the columns and all-gathers it
-  (A) over the rows.
+- backward: every linear reduce-scatters its weight gradient (W / cols) over the rows; the row linear
+  reduce-scatters its input gradient (A / rows) over the columns; every column linear all-reduces its input
+  gradient (A / rows) over the columns and all-gathers it (A) over the rows. (Bias gradients leave backward as
+  partial sums over the rows, reduced later with the gradients by the data-parallel wrapper: out / cols
+  elements each, not priced.)
 Against 1-D tensor parallelism (two all-reduces of O per unit, forward and backward) this trades activation
 traffic that does not shrink with tp for weight traffic that shrinks with the rows: it pays when a micro-batch
 holds many tokens per hidden feature (long sequences, narrow layers) and tp is large.
@@ -88,8 +89,6 @@ def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: fl
         weight_bytes = lin.in_features * lin.out_features * param_bytes
         found.append(Collective("all_gather", "rows", weight_bytes / cols, "forward"))
         found.append(Collective("reduce_scatter", "rows", weight_bytes / cols, "backward"))
-        if lin.has_bias:
-            found.append(Collective("all_reduce", "rows", lin.out_features * param_bytes / cols, "backward"))
         inputs = lin.input_bytes * act_scale
         if lin.rowwise:
             output = lin.output_bytes * act_scale
