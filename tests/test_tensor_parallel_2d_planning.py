@@ -1,0 +1,53 @@
+"""The planner chooses 2-D tensor parallelism where its cost model says it is faster, and only there.
+
+A 4-block GPT with a long sequence and narrow layers (hidden 2048, sequence 8192, micro-batch 8), pinned to
+pp 2 x tp 8 on two A100 nodes: sequence parallelism is not offered with a pipeline, so each block chooses
+between 1-D `tensor` and the 2-D grids. The plan is re-priced after editing the blocks to every other choice
+(planner/recost.py, the path `meshplan validate` takes): none may be faster than what the planner chose.
+A GPT-3-wide block (hidden 12288, sequence 2048) stays 1-D: its weights are too large to gather.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from costmodel import load_cluster
+from planner.api import plan
+from planner.model_graph import build_model_graph
+from planner.model_spec import load_model_spec
+from planner.recost import recost_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE = "bfloat16"
+
+
+def _model_file(tmp_path: Path, hidden: int, heads: int, seq: int, global_batch: int) -> str:
+    path = tmp_path / f"gpt_{hidden}.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\nfrom gpt import build_gpt\n\n\n"
+                    f"def model():\n    return build_gpt(vocab=512, seq_len={seq}, hidden={hidden}, "
+                    f"num_heads={heads}, num_layers=4, global_batch_size={global_batch})\n")
+    return f"{path}:model"
+
+
+@pytest.mark.parametrize(("hidden", "heads", "seq", "expected"), [(2048, 16, 8192, "tensor2d"),
+                                                                   (12288, 96, 2048, "tensor")])
+def test_blocks_choose_the_faster_tensor_parallel_layout(tmp_path, hidden, heads, seq, expected):
+    source = _model_file(tmp_path, hidden, heads, seq, global_batch=32)
+    chosen = plan(source, "a100-80g", 16, mesh=(2, 1, 8), param_dtype=DTYPE)
+    blocks = [layer for layer in chosen.layers if layer.tensor_parallel]
+    assert blocks and {layer.strategy for layer in blocks} == {expected}
+    spec = load_model_spec(source, device="meta")
+    graph = build_model_graph(spec)
+    cluster = load_cluster("a100-80g").for_world_size(16)
+    best_ms = recost_plan(chosen, spec.model, graph, cluster).prediction.step_time_ms
+    assert best_ms == pytest.approx(chosen.predicted.step_time_ms, rel=1e-9)
+    for strategy, tp_rows in [("tensor", 0), ("tensor2d", 2), ("tensor2d", 4)]:
+        edited = copy.deepcopy(chosen)
+        for layer in edited.layers:
+            if layer.tensor_parallel:
+                layer.strategy, layer.tp_rows = strategy, tp_rows
+        edited.validate("edited")
+        assert recost_plan(edited, spec.model, graph, cluster).prediction.step_time_ms >= best_ms - 1e-9
