@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from costmodel import Cluster, load_cluster
 from planner.evaluate_config import ConfigResult, stages_of_layers
-from planner.model_graph import ModelGraph, build_model_graph
+from planner.layer_options import LayerOption
+from planner.model_graph import LayerFacts, ModelGraph, build_model_graph
 from planner.model_spec import load_model_spec
 from planner.plan import (
     PARAM_DTYPES,
@@ -57,6 +58,17 @@ def plan(model: str, cluster: str | Cluster, world_size: int, mesh: tuple[int, i
     return result
 
 
+def layer_plan_of(layer: LayerFacts, option: LayerOption, stage: int, time_ms: float = 0.0,
+                  memory_mib: float = 0.0) -> LayerPlan:
+    """How the plan writes `layer` choosing `option` (its units listed when it is tensor-parallel)."""
+    units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
+        if option.strategy in ("tensor", "tensor2d") else []
+    return LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
+                     tp_rows=option.tp_rows, sequence_parallel=option.sequence_parallel, stage=stage,
+                     checkpoint=option.checkpoint, offload_activations=option.offload_activations,
+                     predicted_time_ms=time_ms, predicted_memory_mib=memory_mib)
+
+
 def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_size: int, global_batch_size: int,
                      found: SearchResult, seed: int = 0) -> Plan:
     """Write the search's best configuration as a Plan."""
@@ -65,14 +77,7 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
     stage_of = stages_of_layers(best.stage_starts, len(graph.layers))
     layers = []
     for i, (layer, (time_ms, memory_mib)) in enumerate(zip(graph.layers, layer_predictions(best), strict=True)):
-        option = best.choice[i].option
-        units = [TensorParallelUnitPlan(list(u.colwise), u.rowwise) for u in layer.tp_units] \
-            if option.strategy in ("tensor", "tensor2d") else []
-        layers.append(LayerPlan(path=layer.path, kind=layer.kind, strategy=option.strategy, tensor_parallel=units,
-                                tp_rows=option.tp_rows,
-                                sequence_parallel=option.sequence_parallel, stage=stage_of[i],
-                                checkpoint=option.checkpoint, offload_activations=option.offload_activations,
-                                predicted_time_ms=time_ms, predicted_memory_mib=memory_mib))
+        layers.append(layer_plan_of(layer, best.choice[i].option, stage_of[i], time_ms, memory_mib))
     alternatives = [Alternative(summary=a.config.summary, step_time_ms=_ms(a.result.step_time_s),
                                 peak_memory_mib=_mib(a.result.peak_memory_bytes), why_not=a.why_not)
                     for a in found.alternatives]
