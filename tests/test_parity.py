@@ -111,3 +111,40 @@ def test_vocab_parallel_matches_single_process(mesh, tmp_path):
         full_embedding = 8192 * 64
         assert results["wide_zero3"]["largest_tensor_built_numel"] <= full_embedding // 4
         assert results["wide_zero3"]["local_parameter_numel"] < 0.3 * (2 * full_embedding)
+
+
+def force_tensor_2d(plan_obj, tp_rows: int, paths=None):
+    """Edit the plan: the layers in `paths` (default: every layer with units) run their units on a tp_rows x
+    tp / tp_rows grid (strategy tensor2d)."""
+    plan_obj = force_tensor_parallel(plan_obj)
+    for layer in plan_obj.layers:
+        if layer.strategy == "tensor" and (paths is None or layer.path in paths):
+            layer.strategy, layer.tp_rows = "tensor2d", tp_rows
+    plan_obj.validate("forced")
+    return plan_obj
+
+
+def assert_parity(results: dict) -> None:
+    for name, result in results.items():
+        assert not result["not_compared"], (name, result)
+        for quantity, tolerance in TOLERANCE["float64"].items():
+            assert result["worst"][quantity] < tolerance, (name, quantity, result)
+
+
+def test_tensor_2d_matches_single_process(tmp_path):
+    """tp=4 as a 2 x 2 grid (strategy tensor2d, runtime/tensor_parallel_2d.py), float64 (1e-9), one launch:
+    every block 2-D; blocks 0 and 2 1-D `tensor` beside 1 and 3 `tensor2d`; 2-D with selective and full
+    activation checkpointing."""
+    base = plan(GPT, "cpu", 4, mesh=(1, 1, 4))
+    mixed = force_tensor_2d(copy.deepcopy(base), 2, paths={"blocks.1", "blocks.3"})
+    checkpointed = force_tensor_2d(copy.deepcopy(base), 2)
+    for layer in checkpointed.layers:
+        if layer.strategy == "tensor2d":
+            layer.checkpoint = "selective" if layer.path in ("blocks.0", "blocks.2") else "full"
+    plans = {"tp2x2": force_tensor_2d(copy.deepcopy(base), 2), "mixed": mixed, "checkpointed": checkpointed}
+    results = run_parity(plans, tmp_path, "float64")
+    assert_parity(results)
+    shards = results["tp2x2"]["tp_shards"]
+    assert shards["blocks.0.attn.q.weight"] == [1, 0] and shards["blocks.3.mlp.proj.bias"] == [None, 0], shards
+    assert results["mixed"]["tp_shards"]["blocks.0.attn.q.weight"] == 0
+    assert results["mixed"]["tp_shards"]["blocks.1.attn.q.weight"] == [1, 0]
