@@ -148,3 +148,20 @@ def test_tensor_2d_matches_single_process(tmp_path):
     assert shards["blocks.0.attn.q.weight"] == [1, 0] and shards["blocks.3.mlp.proj.bias"] == [None, 0], shards
     assert results["mixed"]["tp_shards"]["blocks.0.attn.q.weight"] == 0
     assert results["mixed"]["tp_shards"]["blocks.1.attn.q.weight"] == [1, 0]
+
+
+def test_tensor_2d_with_data_parallel_matches_single_process(tmp_path):
+    """dp2 x tp(2x2) on 8 ranks, float64 (1e-9), one launch of 3 steps: tensor2d blocks under zero3 (FSDP2 over
+    a (dp, tp_rows, tp_cols) mesh), HSDP zero3 (replicate 2: a 4-D mesh, FSDP2's largest), ddp and zero1 (DDP's
+    local-tensor path for DTensor parameters)."""
+    base = plan(GPT, "cpu", 8, mesh=(1, 2, 4))
+    kinds = {"zero3": DataParallelPlan(kind="zero3"), "hsdp": DataParallelPlan(kind="zero3", replicate=2),
+             "ddp": DataParallelPlan(kind="ddp"), "zero1": DataParallelPlan(kind="zero1")}
+    plans = {}
+    for name, data_parallel in kinds.items():
+        plans[name] = force_tensor_2d(copy.deepcopy(base), 2)
+        plans[name].data_parallel = data_parallel
+    results = run_parity(plans, tmp_path, "float64", steps=3)
+    assert_parity(results)
+    for name, result in results.items():
+        assert result["tp_shards"]["blocks.0.mlp.fc.weight"] == [1, 0], (name, result["tp_shards"])
