@@ -1,6 +1,13 @@
 """Apply a Plan's 2-D tensor parallelism (strategy `tensor2d`): each unit's linears sharded over a tp_rows x tp_cols
 grid of the tp ranks (1-D tensor parallelism: runtime/parallelize.py).
 
+The collectives it runs, recorded per layer by tests/collective_census.py (GPT block, forward then backward):
+per linear an all-gather of its weight over the rows; per rowwise linear an all-gather of its input over the
+columns, and of its output over the rows then the columns; backward per linear a reduce-scatter of its weight
+gradient over the rows; per rowwise linear a reduce-scatter of its input gradient over the columns; per colwise
+linear an all-reduce of its input gradient over the columns then an all-gather over the rows (each colwise
+linear separately: q, k and v make three).
+
 Vocabulary: the layer's tp mesh (1-D, size tp) is unflattened (`DeviceMesh._unflatten`, same root mesh, so FSDP2
 and 1-D tensor-parallel DTensors stay one family) into a grid of `tp_rows` rows x `tp_cols = tp / tp_rows`
 columns; grid placements are written (rows, columns). One grid per tp_rows value.
@@ -49,9 +56,16 @@ REPLICATED = (Replicate(), Replicate())
 
 def grid_for(tp_mesh: DeviceMesh, tp_rows: int) -> DeviceMesh:
     """The tp mesh as a (tp_rows, tp / tp_rows) grid, dims named `tp_rows{r}` and `tp_cols{c}` (unique per shape,
-    so grids of different shapes never share a name on the root mesh)."""
-    cols = tp_mesh.size() // tp_rows
-    return tp_mesh._unflatten(0, (tp_rows, cols), (f"tp_rows{tp_rows}", f"tp_cols{cols}"))
+    so grids of different shapes never share a name on the root mesh).
+
+    Cached on the root mesh object, one grid per tp_rows: every `_unflatten` call makes new process groups, so
+    layers, pipeline stages and tools (tests/collective_census.py) asking for the same grid share its groups."""
+    cache = tp_mesh._get_root_mesh().__dict__.setdefault("_meshplan_tp_grids", {})
+    key = (tuple(tp_mesh.mesh.flatten().tolist()), tp_rows)
+    if key not in cache:
+        cols = tp_mesh.size() // tp_rows
+        cache[key] = tp_mesh._unflatten(0, (tp_rows, cols), (f"tp_rows{tp_rows}", f"tp_cols{cols}"))
+    return cache[key]
 
 
 class Tensor2DLinearParallel(ParallelStyle):
@@ -126,13 +140,11 @@ def check_tensor_2d_supported(plan: Plan) -> None:
 
 def apply_tensor_parallel_2d(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
     """Shard every `tensor2d` layer's units over its (tp_rows, tp / tp_rows) grid of `tp_mesh`."""
-    grids: dict[int, DeviceMesh] = {}
     for layer in plan.layers:
         if layer.strategy != "tensor2d":
             continue
         rows, cols = layer.tp_rows, tp_mesh.size() // layer.tp_rows
-        if layer.tp_rows not in grids:
-            grids[rows] = grid_for(tp_mesh, rows)
+        grid = grid_for(tp_mesh, rows)
         module = _submodule(model, layer.path, f"layer {layer.path}")
         for unit in layer.tensor_parallel:
             for rel, rowwise in [(col, False) for col in unit.colwise] + [(unit.rowwise, True)]:
@@ -142,4 +154,4 @@ def apply_tensor_parallel_2d(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) 
                     raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
                                     f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")
                 _check_divisible(layer, rel, features, rows, cols)
-                Tensor2DLinearParallel(rowwise, layer.path)._apply(sub, grids[rows])
+                Tensor2DLinearParallel(rowwise, layer.path)._apply(sub, grid)
