@@ -28,6 +28,10 @@ collectives are fixed (DTensor's sharding propagation never chooses them for the
 Backward is DTensor autograd: the weight gradient is reduce-scattered over the rows, the input gradient of the
 rowwise linear reduce-scattered over the columns, the unit input's gradient all-reduced.
 
+Blind spot (as in 1-D, runtime/conv1d_parallel.py): GPT-2 splits its fused c_attn output, sharded over the
+columns, into q, k and v; DTensor all-gathers it over the columns inside `split`, attention runs with all heads on
+every column, and c_proj's input all-gather is then a no-op. Exact, and recorded by the census.
+
 The batch (dim 0 of the unit input, one micro-batch) must divide by tp_rows: checked before launch
 (`check_tensor_2d_supported`) and again on every forward.
 """

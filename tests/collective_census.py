@@ -8,7 +8,9 @@ What is run: the plan's MODEL, built whole on the CPU; one micro-batch (`plan.mi
 `make_batch`) goes through the unsharded model to capture the layer's input; then tensor parallelism (1-D and
 2-D, runtime/parallelize.py and runtime/tensor_parallel_2d.py) is applied and the layer alone runs forward and
 backward (`output.sum().backward()`) under `forward_context`, with a TorchDispatchMode recording each
-`torch.ops._c10d_functional` collective (what DTensor redistributions call, forward and backward alike). Data
+`torch.ops._c10d_functional` collective (what DTensor redistributions call, forward and backward alike: the
+explicit `redistribute` calls and those DTensor's sharding propagation inserts inside an op, e.g. an all-gather
+before a `split` along a sharded dim). Data
 parallelism is not applied: FSDP/DDP collectives are not DTensor's and not counted.
 
 With no process group initialised it starts the `fake` backend (rank 0 of plan.world_size; collectives return
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from planner.model_spec import load_model_spec
@@ -67,6 +70,11 @@ class _CollectiveRecorder(TorchDispatchMode):
         self.calls: list[Collective] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            # modes run before tensor subclasses: hand the op to DTensor, which desugars it (and any redistribution
+            # its sharding propagation inserts) into ops on local tensors that come back here with the mode active
+            # (CommDebugMode does the same); calling func here would run DTensor with this mode switched off
+            return NotImplemented
         kind = KINDS.get(func)
         if kind is not None:
             tensor, group_name = args[0], args[-1]

@@ -73,3 +73,18 @@ def test_census_of_a_mixed_plan_counts_only_the_layer_asked_for():
     assert census_layer(mixed, "ln_f") == []
     assert {c.axis for c in census_layer(mixed, "blocks.1")} == {"tp_rows", "tp_cols"}
     assert {c.axis for c in census_layer(mixed, "blocks.0")} == {"tp"}
+
+
+def test_census_sees_the_all_gather_sharding_propagation_inserts():
+    """GPT-2's attention splits the fused c_attn output (sharded over the columns) into q, k and v: DTensor
+    all-gathers it over the columns inside `split` (the Conv1D blind spot of runtime/conv1d_parallel.py, here on
+    the grid); c_proj's input is then already whole, so its own all-gather over the columns is skipped."""
+    from test_hf_models import MODELS
+
+    calls = census_layer(force_tensor_2d(plan(MODELS["gpt2"], "cpu", 4, mesh=(1, 1, 4)), 2), "gpt.transformer.h.0")
+    forward = [(c.kind, c.axis, c.full_bytes) for c in calls if c.phase == "forward"]
+    micro_batch, seq, hidden = 8, 16, 64
+    c_attn_output = micro_batch // 2 * seq * 3 * hidden * BYTES
+    assert forward[:2] == [("all_gather", "tp_rows", hidden * 3 * hidden // 2 * BYTES),
+                           ("all_gather", "tp_cols", c_attn_output)]
+    assert forward[2] == ("all_gather", "tp_rows", hidden * hidden // 2 * BYTES)  # c_proj's weight: input whole
