@@ -1,13 +1,6 @@
 """Apply a Plan's 2-D tensor parallelism (strategy `tensor2d`): each unit's linears sharded over a tp_rows x tp_cols
 grid of the tp ranks (1-D tensor parallelism: runtime/parallelize.py).
 
-The collectives it runs, recorded per layer by tests/collective_census.py (GPT block, forward then backward):
-per linear an all-gather of its weight over the rows; per rowwise linear an all-gather of its input over the
-columns, and of its output over the rows then the columns; backward per linear a reduce-scatter of its weight
-gradient over the rows; per rowwise linear a reduce-scatter of its input gradient over the columns; per colwise
-linear an all-reduce of its input gradient over the columns then an all-gather over the rows (each colwise
-linear separately: q, k and v make three).
-
 Vocabulary: the layer's tp mesh (1-D, size tp) is unflattened (`DeviceMesh._unflatten`, same root mesh, so FSDP2
 and 1-D tensor-parallel DTensors stay one family) into a grid of `tp_rows` rows x `tp_cols = tp / tp_rows`
 columns; grid placements are written (rows, columns). One grid per tp_rows value.
@@ -25,8 +18,11 @@ collectives are fixed (DTensor's sharding propagation never chooses them for the
   between the linears (attention reshapes, math SDPA, activations) run on DTensors under `forward_context`.
 - the rowwise linear's output -> (Replicate(), Replicate()), returned as a plain local tensor (all-gathers over
   rows and columns), so the rest of the model is untouched, as with 1-D RowwiseParallel.
-Backward is DTensor autograd: the weight gradient is reduce-scattered over the rows, the input gradient of the
-rowwise linear reduce-scattered over the columns, the unit input's gradient all-reduced.
+Backward is DTensor autograd: each weight gradient (partial over the rows) is reduce-scattered over the rows,
+the rowwise linear's input gradient (partial over the columns) reduce-scattered over the columns, and each
+colwise linear's input gradient all-reduced over the columns, then all-gathered over the rows into the unit
+input's replicated gradient (each colwise linear separately: q, k and v make three of each).
+tests/test_collective_census.py pins this list, call by call, for GPT's block.
 
 Blind spot (as in 1-D, runtime/conv1d_parallel.py): GPT-2 splits its fused c_attn output, sharded over the
 columns, into q, k and v; DTensor all-gathers it over the columns inside `split`, attention runs with all heads on
