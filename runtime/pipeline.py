@@ -46,6 +46,7 @@ from runtime.data_parallel import apply_data_parallel
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.stage_relay import produced_value, relay_skipping_values
+from runtime.tensor_parallel_2d import apply_tensor_parallel_2d
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -218,6 +219,7 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
         module = pipe.get_stage_module(stage_id)
         stage_plan = dataclasses.replace(plan, layers=[layer for layer in plan.layers if layer.stage == stage_id])
         apply_tensor_parallel(module, stage_plan, mesh["tp"])
+        apply_tensor_parallel_2d(module, stage_plan, mesh["tp"])
         apply_activation_checkpointing(module, stage_plan)
         apply_activation_offload(module, stage_plan, device)
         if plan.data_parallel.kind not in ("ddp", "zero1"):  # those only reach here with dp = 1: nothing to do

@@ -32,6 +32,7 @@ from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.preflight import check_machine_has_devices
 from runtime.sequence_parallel import apply_sequence_parallel
+from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, check_tensor_2d_supported
 from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
 from runtime.watchdog import SETUP_STEP, Watchdog
 
@@ -70,6 +71,7 @@ def check_runtime_supports(plan: Plan) -> None:
     if missing:
         raise PlanError("this runtime cannot run yet: " + "; ".join(missing))
     check_pipeline_supported(plan)
+    check_tensor_2d_supported(plan)
 
 
 def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
@@ -83,14 +85,15 @@ def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
 
 def build_parallel_model(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, init: ParameterInit | None = None,
                          ) -> nn.Module:
-    """Shard `spec.model` per the plan: tensor (sequence, vocabulary) parallel over tp, activation checkpointing
-    and offload per layer, then data parallelism over dp. Returns the module to train (a DDP wrapper for ddp and
-    zero1, else `spec.model`).
+    """Shard `spec.model` per the plan: tensor (1-D and 2-D, sequence, vocabulary) parallel over tp, activation
+    checkpointing and offload per layer, then data parallelism over dp. Returns the module to train (a DDP
+    wrapper for ddp and zero1, else `spec.model`).
 
     With `init`, `spec.model` lives on the meta device (runtime/materialize.py): its shards are allocated and
     filled after tensor parallelism and FSDP2 have sharded it (before DDP, which broadcasts real tensors)."""
     device = torch.device(mesh.device_type)
     apply_tensor_parallel(spec.model, plan, mesh["tp"])
+    apply_tensor_parallel_2d(spec.model, plan, mesh["tp"])
     apply_vocab_parallel(spec.model, plan, mesh["tp"])
     apply_sequence_parallel(spec.model, plan, mesh["tp"])
     apply_activation_checkpointing(spec.model, plan)

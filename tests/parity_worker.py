@@ -74,15 +74,19 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.to(b.dtype) - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
-def tensor_parallel_dim(p: torch.Tensor) -> int | None:
-    """The dim a parameter is sharded on over the mesh's `tp` axis (None when not sharded there); local shards
-    under DDP are read through their `_st_info`."""
+def tensor_parallel_dim(p: torch.Tensor) -> int | list | None:
+    """The dim a parameter is sharded on over the mesh's `tp` axis (None when not sharded there), or for a
+    tensor2d grid the list [dim over the rows, dim over the columns]; local shards under DDP are read through
+    their `_st_info`."""
     spec = p if isinstance(p, DTensor) else getattr(p, "_st_info", None)
     if spec is None:
         return None
     mesh, placements = (spec.device_mesh, spec.placements) if isinstance(spec, DTensor) else (spec.mesh,
                                                                                               spec.placements)
     names = mesh.mesh_dim_names or ()
+    grid = [index for index, name in enumerate(names) if name.startswith(("tp_rows", "tp_cols"))]
+    if grid:  # a tensor2d grid (runtime/tensor_parallel_2d.py): the dims over its rows and its columns
+        return [placements[index].dim if placements[index].is_shard() else None for index in grid]
     if "tp" not in names:
         return None
     placement = placements[names.index("tp")]

@@ -33,11 +33,16 @@ def layer_of(plan: Plan, name: str) -> str:
 
 
 def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
-    """Parameters the plan shards over tp: colwise weights and biases, rowwise weights of `tensor` layers."""
+    """Parameters the plan shards over tp: colwise weights and biases, rowwise weights of `tensor` layers; every
+    weight and bias of a `tensor2d` layer's units (biases over the grid's columns)."""
     if plan.mesh.tp == 1:
         return set()
     wanted = set()
     for layer in plan.layers:
+        if layer.strategy == "tensor2d":
+            for unit in layer.tensor_parallel:
+                for rel in [*unit.colwise, unit.rowwise]:
+                    wanted |= {f"{layer.path}.{rel}.weight", f"{layer.path}.{rel}.bias"}
         if layer.strategy == "tensor":
             for unit in layer.tensor_parallel:
                 for col in unit.colwise:
@@ -47,9 +52,10 @@ def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
 
 
 def is_tp_sharded(p: torch.Tensor) -> bool:
-    if not isinstance(p, DTensor) or "tp" not in (p.device_mesh.mesh_dim_names or ()):
-        return False
-    return p.placements[p.device_mesh.mesh_dim_names.index("tp")].is_shard()
+    """Sharded over the mesh's `tp` axis, or over an axis of a tensor2d grid (runtime/tensor_parallel_2d.py)."""
+    names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
+    return any(placement.is_shard() for name, placement in zip(names, p.placements, strict=True)
+               if name == "tp" or name.startswith(("tp_rows", "tp_cols")))
 
 
 def compare_plan(plan_path: str, steps: int) -> dict:

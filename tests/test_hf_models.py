@@ -3,7 +3,8 @@ weights, nothing downloaded) plan for 4 ranks on the `cpu` cluster and train on 
 
 One torchrun launch for all models (tests/parity_worker.py; pipeline plans go to
 pipeline_parity_worker.compare_plan) runs each model's planner-chosen plan and meshes pinned so that tensor
-parallelism (GPT-2's transformers Conv1D, Llama, BERT, ViT) and pipelines (Llama, ViT, ResNet: 2 stages x dp2,
+parallelism (GPT-2's transformers Conv1D, Llama, BERT, ViT; GPT-2 and Llama also 2-D, tensor2d on a 2 x 2
+grid) and pipelines (Llama, ViT, ResNet: 2 stages x dp2,
 2 micro-batches, 1F1B) run, 3 AdamW
 steps each in float64, comparing the global-batch
 loss and every gradient at each step and every parameter and floating buffer (BatchNorm running statistics,
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parity import force_tensor_parallel, run_parity
+from test_parity import force_tensor_2d, force_tensor_parallel, run_parity
 from test_pipeline_parity import pipeline_plan
 from torch import nn
 
@@ -66,10 +67,16 @@ def with_ddp(result):
     return result
 
 
+def pinned_tensor_2d(model: str):
+    """The planner's plan on a pinned 1 x 1 x 4 mesh, every layer with units on a 2 x 2 grid (tensor2d)."""
+    return force_tensor_2d(plan(model, "cpu", 4, mesh=(1, 1, 4)), 2)
+
+
 PINNED = {
     "gpt2": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
-             "dp2xtp2_ddp": lambda m: with_ddp(pinned_tensor_parallel(m))},
-    "llama": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
+             "dp2xtp2_ddp": lambda m: with_ddp(pinned_tensor_parallel(m)),
+             "tp2x2": pinned_tensor_2d},
+    "llama": {"dp2xtp2": lambda m: pinned_tensor_parallel(m), "tp2x2": pinned_tensor_2d,
               "pp2xdp2": lambda m: pipeline_plan(m, 2, 2, 1, "1f1b", 2, ("llama.model.layers.1",))},
     "bert": {"dp2xtp2": lambda m: pinned_tensor_parallel(m)},
     "vit": {"dp2xtp2": lambda m: pinned_tensor_parallel(m),
@@ -117,6 +124,12 @@ def test_hf_model_trains_like_one_process(name, parity_results):
         for key in results:
             if key.startswith("dp2xtp2"):
                 assert results[key]["tp_shards"] == EXPECTED_TP_SHARDS[name], key
+    if "tp2x2" in results:  # tensor2d: every unit weight input features over rows, output over columns; so are
+        # the biases (Shard(0) over the columns): Conv1D's [in, out] weights shard dims [0, 1], nn.Linear's [1, 0]
+        shards = results["tp2x2"]["tp_shards"]
+        expected = [0, 1] if name == "gpt2" else [1, 0]
+        assert {tuple(dims) for key, dims in shards.items() if key.endswith(".weight")} == {tuple(expected)}
+        assert len(shards) == len(EXPECTED_TP_SHARDS[name]) + (4 if name == "gpt2" else 0), shards
 
 
 @pytest.mark.parametrize("script", ["hf_llama.py", "resnet.py"])

@@ -111,3 +111,74 @@ def test_vocab_parallel_matches_single_process(mesh, tmp_path):
         full_embedding = 8192 * 64
         assert results["wide_zero3"]["largest_tensor_built_numel"] <= full_embedding // 4
         assert results["wide_zero3"]["local_parameter_numel"] < 0.3 * (2 * full_embedding)
+
+
+def force_tensor_2d(plan_obj, tp_rows: int, paths=None):
+    """Edit the plan: the `tensor` layers in `paths` (default: all; with none yet, every layer with units is made
+    one first) run their units on a tp_rows x tp / tp_rows grid (strategy tensor2d)."""
+    if not any(layer.strategy in ("tensor", "tensor2d") for layer in plan_obj.layers):
+        plan_obj = force_tensor_parallel(plan_obj)
+    for layer in plan_obj.layers:
+        if layer.strategy == "tensor" and (paths is None or layer.path in paths):
+            layer.strategy, layer.tp_rows = "tensor2d", tp_rows
+    plan_obj.validate("forced")
+    return plan_obj
+
+
+def assert_parity(results: dict) -> None:
+    for name, result in results.items():
+        assert not result["not_compared"], (name, result)
+        for quantity, tolerance in TOLERANCE["float64"].items():
+            assert result["worst"][quantity] < tolerance, (name, quantity, result)
+
+
+def test_tensor_2d_matches_single_process(tmp_path):
+    """tp=4 as a 2 x 2 grid (strategy tensor2d, runtime/tensor_parallel_2d.py), float64 (1e-9), one launch:
+    - tp2x2: every block 2-D;
+    - mixed: blocks 0 and 2 1-D `tensor` with sequence parallelism beside 1 and 3 `tensor2d`, the embedding and
+      head vocabulary-parallel;
+    - techniques: 2-D blocks with selective and full checkpointing and activation offload, 2 micro-batches
+      (gradient accumulation; 4 samples each, split over 2 rows), zero3 with CPUOffloadPolicy."""
+    base = plan(GPT, "cpu", 4, mesh=(1, 1, 4))
+    mixed = force_tensor_2d(force_vocab_parallel(copy.deepcopy(base)), 2, paths={"blocks.1", "blocks.3"})
+    for layer in mixed.layers:
+        layer.sequence_parallel = layer.strategy == "tensor"
+    techniques = force_tensor_2d(copy.deepcopy(base), 2)
+    memory = {"blocks.0": ("selective", False), "blocks.1": ("full", False), "blocks.2": ("none", True),
+              "blocks.3": ("full", True)}
+    for layer in techniques.layers:
+        layer.checkpoint, layer.offload_activations = memory.get(layer.path, ("none", False))
+    techniques.pipeline.num_microbatches = 2
+    techniques.data_parallel = DataParallelPlan(kind="zero3", offload=True)
+    plans = {"tp2x2": force_tensor_2d(copy.deepcopy(base), 2), "mixed": mixed, "techniques": techniques}
+    for plan_obj in plans.values():
+        plan_obj.validate("test")
+    results = run_parity(plans, tmp_path, "float64")
+    assert_parity(results)
+    shards = results["tp2x2"]["tp_shards"]
+    assert shards["blocks.0.attn.q.weight"] == [1, 0] and shards["blocks.3.mlp.proj.bias"] == [None, 0], shards
+    mixed_shards = results["mixed"]["tp_shards"]
+    assert mixed_shards["blocks.0.attn.q.weight"] == 0 and mixed_shards["blocks.1.attn.q.weight"] == [1, 0]
+    assert mixed_shards["wte.weight"] == 0, mixed_shards
+
+
+def test_tensor_2d_with_data_parallel_matches_single_process(tmp_path):
+    """dp2 x tp(2x2) on 8 ranks, float64 (1e-9), one launch of 2 steps: tensor2d blocks under zero3 (FSDP2 over
+    a (dp, tp_rows, tp_cols) mesh), HSDP zero3 (replicate 2: a 4-D mesh, FSDP2's largest) and ddp (DDP's
+    local-tensor path for DTensor parameters); and tp=8 with two grid shapes (2 x 4, 4 x 2) in one model."""
+    base = plan(GPT, "cpu", 8, mesh=(1, 2, 4))
+    kinds = {"zero3": DataParallelPlan(kind="zero3"), "hsdp": DataParallelPlan(kind="zero3", replicate=2),
+             "ddp": DataParallelPlan(kind="ddp")}  # zero1 and zero2 also match (checked once; not rerun for time)
+    plans = {}
+    for name, data_parallel in kinds.items():
+        plans[name] = force_tensor_2d(copy.deepcopy(base), 2)
+        plans[name].data_parallel = data_parallel
+    # tp=8 on the same 8 ranks: blocks on a 2 x 4 and a 4 x 2 grid of one model, zero3 over dp=1
+    grids = force_tensor_2d(plan(GPT, "cpu", 8, mesh=(1, 1, 8)), 2, paths={"blocks.0", "blocks.1"})
+    grids = force_tensor_2d(grids, 4, paths={"blocks.2", "blocks.3"})
+    plans["tp8_grids"] = grids
+    results = run_parity(plans, tmp_path, "float64", steps=2)
+    assert_parity(results)
+    for name, result in results.items():
+        assert result["tp_shards"]["blocks.0.mlp.fc.weight"] == [1, 0], (name, result["tp_shards"])
+    assert {layer.tp_rows for layer in grids.layers} == {0, 2, 4}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parity import force_tensor_parallel
+from test_parity import force_tensor_2d, force_tensor_parallel
 
 from meshplan import execute
 from planner.api import plan
@@ -83,13 +83,13 @@ def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> di
     return {name.rsplit("-", 1)[0]: result for name, result in json.loads(out.read_text()).items()}
 
 
-def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int) -> None:
+def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int, tensor_2d: bool = False) -> None:
     assert not result["missing"], f"no rank holds {result['missing']}"
     # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
     assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
     # the tp runs are GPT's: 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias and
-    # mlp.proj.weight
-    assert result["tp_sharded"] == (28 if tp > 1 else 0), result["tp_sharded"]
+    # mlp.proj.weight; tensor2d blocks shard attn.proj.bias and mlp.proj.bias too
+    assert result["tp_sharded"] == (0 if tp == 1 else 36 if tensor_2d else 28), result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
     assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
     for quantity, tolerance in TOLERANCE[dtype].items():
@@ -111,7 +111,8 @@ CONFIGS = {
     4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
-    8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
+    8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
+        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64")},
 }
 
 
@@ -126,7 +127,12 @@ def with_memory_techniques(plan_obj: Plan) -> Plan:
     return plan_obj
 
 
-EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques}
+def with_tensor_2d(plan_obj: Plan) -> Plan:
+    """Every tensor-parallel block on a 2 x 2 grid (strategy tensor2d), run as traced linears of the stages."""
+    return force_tensor_2d(plan_obj, 2)
+
+
+EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +155,7 @@ def results(tmp_path_factory):
 def test_pipeline_matches_single_process(world_size, name, results):
     config = CONFIGS[world_size][name]
     check(results(world_size)[name], dtype=config[6], pp=config[0], dp=config[1], tp=config[2],
-          num_stages=len(config[5]) + 1)
+          num_stages=len(config[5]) + 1, tensor_2d=EDITS.get(name) is with_tensor_2d)
 
 
 def single_process_losses(pipe_plan: Plan, steps: int) -> list[float]:
