@@ -9,10 +9,10 @@ traffic and saved bytes are divided by tp):
 - compute = roofline time of forward + backward FLOPs and memory-bound traffic (costmodel.op_time_s).
 - recompute: `full` repeats the whole forward (and its tensor-parallel all-reduce); `selective` repeats only
   the non-matmul forward ops (memory-bound), keeping matmul outputs.
-- tensor-parallel communication: one all-reduce of the row-linear output in forward and, in backward, one of
-  each column linear's input gradient (Megatron's g and f; torch's ColwiseParallel reduces q, k and v
-  separately), over the contiguous tp group. Under sequence parallelism: an all-gather and a reduce-scatter
-  per unit each way, and the layer output's all-gather. `tensor2d`: planner/tensor_parallel_collectives.py.
+- tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the unit
+  input's gradient in backward (Megatron's g and f; q, k and v share one DTensor input, runtime/unit_input.py),
+  over the contiguous tp group (planner/tensor_parallel_collectives.py, which also lists `tensor2d`'s). Under
+  sequence parallelism: an all-gather and a reduce-scatter per unit each way, and the layer output's all-gather.
 - vocabulary parallelism (`vocab`, planner/vocab_parallel.py): the embedding's or head's marked ops divide by
   tp; communication is the layer's own forward all-reduce (embedding output, or the loss's per-row max, sum of
   exponentials and target logit) and backward all-reduce (the head's input gradient). Offered only with

@@ -262,8 +262,8 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
         units = [u for u in units if _unit_is_shardable(graph, path, u, linear_outputs, linear_inputs,
                                                          captured.param_names, tied)]
         facts[path].tp_units = units
-        for unit in units:
-            _mark_tp_region(graph, path, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
+        for index, unit in enumerate(units):
+            _mark_tp_region(graph, path, index, unit, layer_nodes, linear_outputs, linear_inputs, captured.module_path,
                             node_by_name, params, tp_region, facts[path], captured.param_names, sample_batch_size)
         if not units:
             mark_vocab_parallel(model, graph, facts[path], layer_nodes, node_by_name, linear_outputs,
@@ -448,7 +448,8 @@ def _unit_is_shardable(graph: nx.DiGraph, layer_path: str, unit: TensorParallelU
     return True
 
 
-def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit, layer_nodes: set[str],
+def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit_index: int, unit: TensorParallelUnit,
+                    layer_nodes: set[str],
                     linear_outputs: dict[str, str], linear_inputs: dict[str, str], module_path: dict[str, str],
                     node_by_name: dict[str, torch.fx.Node], params: dict[str, nn.Parameter],
                     tp_region: dict[str, bool], fact: LayerFacts, param_names: dict[str, str],
@@ -488,12 +489,12 @@ def _mark_tp_region(graph: nx.DiGraph, layer_path: str, unit: TensorParallelUnit
                                    for n, p in linear_outputs.items() if p == row_path)
     for rel in (*unit.colwise, unit.rowwise):
         fact.tp_linears.append(_unit_linear_facts(rel, full(rel), rel == unit.rowwise, linear_outputs, linear_inputs,
-                                                  node_by_name, params, sample_batch_size))
+                                                  node_by_name, params, sample_batch_size, unit_index))
 
 
 def _unit_linear_facts(rel: str, path: str, rowwise: bool, linear_outputs: dict[str, str],
                        linear_inputs: dict[str, str], node_by_name: dict[str, torch.fx.Node],
-                       params: dict[str, nn.Parameter], sample_batch_size: int) -> UnitLinearFacts:
+                       params: dict[str, nn.Parameter], sample_batch_size: int, unit: int) -> UnitLinearFacts:
     weight = params[f"{path}.weight"]
     # nn.Linear keeps weight [out, in]; transformers Conv1D keeps [in, out] and has `nf` output features
     in_features, out_features = weight.shape[1], weight.shape[0]
@@ -506,7 +507,8 @@ def _unit_linear_facts(rel: str, path: str, rowwise: bool, linear_outputs: dict[
     batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 1 else 0
     return UnitLinearFacts(path=rel, rowwise=rowwise, in_features=int(in_features), out_features=int(out_features),
                            has_bias=f"{path}.bias" in params, input_bytes=_nbytes(value), output_bytes=output_bytes,
-                           batch_first=bool(batch) and batch == sample_batch_size)
+                           batch_first=bool(batch) and batch == sample_batch_size, unit=unit,
+                           input_node=linear_inputs[path])
 
 
 def _assign_kinds(model, nodes, layer_of_node, captured, facts) -> None:

@@ -3,8 +3,8 @@ parallelism keeps and holds beyond 1-D. Both lists are checked against a census 
 issues (tests/test_tensor_parallel_collectives.py).
 
 1-D (`tensor`, Megatron style, torch's ColwiseParallel / RowwiseParallel over the contiguous tp group, axis
-`tp`): forward all-reduces each unit's output; backward all-reduces each column linear's input gradient
-(q, k and v each theirs: every ColwiseParallel module turns its input into a DTensor on its own).
+`tp`): forward all-reduces each unit's output; backward all-reduces the unit input's gradient once (q, k and v
+share one DTensor input, runtime/unit_input.py; column linears reading different tensors reduce each theirs).
 
 2-D (`tensor2d`):
 
@@ -20,10 +20,10 @@ Per micro-batch, with A = a linear's input bytes and W = its weight bytes:
 - forward: every linear all-gathers W / cols over the rows; the row linear all-gathers A / rows over the
   columns; the unit output (O bytes) is all-gathered over the columns (O / rows) and then over the rows (O).
 - backward: every linear reduce-scatters its weight gradient (W / cols) over the rows; the row linear
-  reduce-scatters its input gradient (A / rows) over the columns; every column linear all-reduces its input
-  gradient (A / rows) over the columns and all-gathers it (A) over the rows. (Bias gradients leave backward as
-  partial sums over the rows, reduced later with the gradients by the data-parallel wrapper: out / cols
-  elements each, not priced.)
+  reduce-scatters its input gradient (A / rows) over the columns; the unit input's gradient (one per distinct
+  input, as in 1-D) is all-reduced over the columns (A / rows) and all-gathered over the rows (A). (Bias
+  gradients leave backward as partial sums over the rows, reduced later with the gradients by the
+  data-parallel wrapper: out / cols elements each, not priced.)
 Against 1-D tensor parallelism (two all-reduces of O per unit, forward and backward) this trades activation
 traffic that does not shrink with tp for weight traffic that shrinks with the rows: it pays when a micro-batch
 holds many tokens per hidden feature (long sequences, narrow layers) and tp is large.
@@ -69,15 +69,22 @@ def supports_tensor_parallel_2d(layer: LayerFacts, rows: int, cols: int, micro_b
                for lin in layer.tp_linears)
 
 
+def _column_inputs(layer: LayerFacts) -> list:
+    """One column linear per distinct (unit, input): those whose shared input gradient is reduced."""
+    seen, found = set(), []
+    for lin in layer.tp_linears:
+        if not lin.rowwise and (lin.unit, lin.input_node) not in seen:
+            seen.add((lin.unit, lin.input_node))
+            found.append(lin)
+    return found
+
+
 def tensor_1d_collectives(layer: LayerFacts, act_scale: float) -> list[Collective]:
     """The collectives of one micro-batch of a `tensor` layer without sequence parallelism."""
-    found = []
-    for lin in layer.tp_linears:
-        if lin.rowwise:
-            found.append(Collective("all_reduce", "tp", lin.output_bytes * act_scale, "forward"))
-        else:
-            found.append(Collective("all_reduce", "tp", lin.input_bytes * act_scale, "backward"))
-    return found
+    found = [Collective("all_reduce", "tp", lin.output_bytes * act_scale, "forward")
+             for lin in layer.tp_linears if lin.rowwise]
+    return found + [Collective("all_reduce", "tp", lin.input_bytes * act_scale, "backward")
+                    for lin in _column_inputs(layer)]
 
 
 def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: float,
@@ -96,9 +103,10 @@ def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: fl
                       Collective("all_gather", "cols", output / rows, "forward"),
                       Collective("all_gather", "rows", output, "forward"),
                       Collective("reduce_scatter", "cols", inputs / rows, "backward")]
-        else:
-            found += [Collective("all_reduce", "cols", inputs / rows, "backward"),
-                      Collective("all_gather", "rows", inputs, "backward")]
+    for lin in _column_inputs(layer):
+        inputs = lin.input_bytes * act_scale
+        found += [Collective("all_reduce", "cols", inputs / rows, "backward"),
+                  Collective("all_gather", "rows", inputs, "backward")]
     return found
 
 

@@ -38,6 +38,11 @@ class UnitLinearFacts:
     output_bytes: int
     batch_first: bool
     """The input's leading dimension is the sample batch: 2-D tensor parallelism splits it over the grid's rows."""
+    unit: int = 0
+    """Index of the linear's unit in the layer's tp_units."""
+    input_node: str = ""
+    """The traced node the linear reads: column linears of one unit reading the same node share one DTensor
+    input, whose gradient is reduced once (runtime/unit_input.py)."""
 
 
 def _upstream_linears(graph: nx.DiGraph, start: str, linear_of: dict[str, str], layer_nodes: set[str]) -> set[str]:

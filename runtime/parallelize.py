@@ -12,6 +12,7 @@ import contextlib
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -20,6 +21,7 @@ from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.conv1d_parallel import conv1d_style
 from runtime.traced_linear import colwise_style, linear_features, rowwise_style
+from runtime.unit_input import share_unit_input
 
 
 def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
@@ -30,14 +32,18 @@ def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
 
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
-    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel
-    (sequence-parallel layers are left to runtime/sequence_parallel.py)."""
+    """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel, the column
+    linears of a unit sharing one DTensor input (runtime/unit_input.py); sequence-parallel layers are left to
+    runtime/sequence_parallel.py."""
     for layer in plan.layers:
         if layer.strategy != "tensor" or layer.sequence_parallel:
             continue
         module = _submodule(model, layer.path, f"layer {layer.path}")
         styles = {}
         for unit in layer.tensor_parallel:
+            share_unit_input([_submodule(module, col, f"layer {layer.path}") for col in unit.colwise],
+                             _submodule(module, unit.rowwise, f"layer {layer.path}"),
+                             lambda x: DTensor.from_local(x, tp_mesh, (Replicate(),), run_check=False))
             for rel, style in [(col, colwise_style) for col in unit.colwise] + [(unit.rowwise, rowwise_style)]:
                 sub = _submodule(module, rel, f"layer {layer.path}")
                 # an nn.Linear, one a pipeline stage's tracer outlined, or a transformers Conv1D

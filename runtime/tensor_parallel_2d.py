@@ -11,17 +11,18 @@ collectives are fixed (DTensor's sharding propagation never chooses them for the
   (nn.Linear and traced linears: weight [out, in] -> (Shard(1), Shard(0)); transformers Conv1D [in, out] ->
   (Shard(0), Shard(1))). Bias (Replicate(), Shard(0)).
 - input -> (Shard(0), Replicate()): the batch over the rows. For a colwise linear the unit input is a plain
-  replicated tensor, wrapped as (Replicate(), Replicate()) and sliced locally (no communication); for the
-  rowwise linear it arrives as (Shard(0), Shard(-1)) and is all-gathered over the columns.
+  replicated tensor, wrapped as (Replicate(), Replicate()) and sliced locally (no communication), once for all
+  the unit's colwise linears reading it (runtime/unit_input.py); for the rowwise linear it arrives as
+  (Shard(0), Shard(-1)) and is all-gathered over the columns.
 - weight -> (Replicate(), Shard(out)): all-gathered over the rows.
 - the linear on DTensors gives (Shard(0), Shard(-1)): activations inside a unit keep that layout, and the ops
   between the linears (attention reshapes, math SDPA, activations) run on DTensors under `forward_context`.
 - the rowwise linear's output -> (Replicate(), Replicate()), returned as a plain local tensor (all-gathers over
   rows and columns), so the rest of the model is untouched, as with 1-D RowwiseParallel.
 Backward is DTensor autograd: each weight gradient (partial over the rows) is reduce-scattered over the rows,
-the rowwise linear's input gradient (partial over the columns) reduce-scattered over the columns, and each
-colwise linear's input gradient all-reduced over the columns, then all-gathered over the rows into the unit
-input's replicated gradient (each colwise linear separately: q, k and v make three of each).
+the rowwise linear's input gradient (partial over the columns) reduce-scattered over the columns, and the
+colwise linears' input gradients, summed on their shared input, all-reduced over the columns once, then
+all-gathered over the rows into the unit input's replicated gradient.
 tests/test_collective_census.py pins this list, call by call, for GPT's block.
 
 Blind spot (as in 1-D, runtime/conv1d_parallel.py): GPT-2 splits its fused c_attn output, sharded over the
@@ -46,6 +47,7 @@ from planner.plan import LayerPlan, Plan
 from planner.plan_schema import PlanError
 from runtime.parallelize import _submodule
 from runtime.traced_linear import linear_features
+from runtime.unit_input import share_unit_input
 
 ACTIVATION_PLACEMENTS = (Shard(0), Shard(-1))
 """Inside a unit: batch over the rows, features over the columns."""
@@ -101,7 +103,11 @@ class Tensor2DLinearParallel(ParallelStyle):
                                 "(global batch / dp / num_microbatches) or strategy 'tensor'")
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, mesh, REPLICATED, run_check=False)
-            return (x.redistribute(mesh, LINEAR_INPUT_PLACEMENTS), *inputs[1:])
+            if tuple(x.placements) != LINEAR_INPUT_PLACEMENTS:
+                # (a no-op redistribute would still reduce the input's partial gradient in backward, once per
+                # linear, where the unit's shared input reduces the sum once: runtime/unit_input.py)
+                x = x.redistribute(mesh, LINEAR_INPUT_PLACEMENTS)
+            return (x, *inputs[1:])
 
         def forward(x: DTensor) -> DTensor:
             weight = module.weight.redistribute(module.weight.device_mesh, gathered_weight)
@@ -147,6 +153,10 @@ def apply_tensor_parallel_2d(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) 
         grid = grid_for(tp_mesh, rows)
         module = _submodule(model, layer.path, f"layer {layer.path}")
         for unit in layer.tensor_parallel:
+            share_unit_input([_submodule(module, col, f"layer {layer.path}") for col in unit.colwise],
+                             _submodule(module, unit.rowwise, f"layer {layer.path}"),
+                             lambda x, grid=grid: DTensor.from_local(x, grid, REPLICATED, run_check=False).redistribute(
+                                 grid, LINEAR_INPUT_PLACEMENTS))
             for rel, rowwise in [(col, False) for col in unit.colwise] + [(unit.rowwise, True)]:
                 sub = _submodule(module, rel, f"layer {layer.path}")
                 features = linear_features(sub)

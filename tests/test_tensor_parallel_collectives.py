@@ -42,4 +42,4 @@ def test_cost_model_collectives_are_the_ones_dtensor_runs(block_facts, tp, tp_ro
         listed, sizes = tensor_1d_collectives(layer, scale), {"tp": tp}
     predicted = Counter((c.kind, AXIS_NAMES[c.axis], sizes[c.axis], int(c.num_bytes), c.phase) for c in listed)
     assert recorded == predicted
-    assert sum(recorded.values()) >= 6
+    assert sum(recorded.values()) >= 4
