@@ -39,12 +39,12 @@ SHAPES = [(12288, 96, 2048, 8), (4096, 32, 4096, 8), (2048, 16, 8192, 8), (1024,
 LAYERS = 4
 
 
-def _write_model(folder: Path, hidden: int, heads: int, seq: int, batch: int) -> str:
-    """A model file for `plan()` (it takes `file.py:function`)."""
+def write_gpt_model(folder: Path, hidden: int, heads: int, seq: int, global_batch: int) -> str:
+    """A file holding a 4-block GPT of this shape, for `plan()` (which takes `file.py:function`); its source."""
     path = folder / f"gpt_{hidden}_{seq}.py"
     path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\nfrom gpt import build_gpt\n\n\n"
                     f"def model():\n    return build_gpt(vocab=512, seq_len={seq}, hidden={hidden}, num_heads={heads},"
-                    f" num_layers={LAYERS}, global_batch_size={4 * batch})\n")
+                    f" num_layers={LAYERS}, global_batch_size={global_batch})\n")
     return f"{path}:model"
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     print("  ".join(f"{h:>22}" if i >= 3 else f"{h:>6}" for i, h in enumerate(header)))
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, heads, seq, batch in SHAPES:
-            source = _write_model(Path(tmp), hidden, heads, seq, batch)
+            source = write_gpt_model(Path(tmp), hidden, heads, seq, 4 * batch)
             spec = load_model_spec(source, device="meta")
             graph = build_model_graph(spec, sample_batch_size=1)
             block = next(layer for layer in graph.layers if layer.tp_units)

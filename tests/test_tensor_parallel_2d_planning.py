@@ -10,6 +10,7 @@ A GPT-3-wide block (hidden 12288, sequence 2048) stays 1-D: its weights are too 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,22 +21,23 @@ from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
 from planner.recost import recost_plan
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPE = "bfloat16"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model_file(tmp_path: Path, hidden: int, heads: int, seq: int, global_batch: int) -> str:
-    path = tmp_path / f"gpt_{hidden}.py"
-    path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\nfrom gpt import build_gpt\n\n\n"
-                    f"def model():\n    return build_gpt(vocab=512, seq_len={seq}, hidden={hidden}, "
-                    f"num_heads={heads}, num_layers=4, global_batch_size={global_batch})\n")
-    return f"{path}:model"
+def _benchmark_module():
+    """benchmarks/tensor_parallel_2d.py, loaded by path (benchmarks/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location("tensor_parallel_2d_benchmark",
+                                                  ROOT / "benchmarks" / "tensor_parallel_2d.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize(("hidden", "heads", "seq", "expected"), [(2048, 16, 8192, "tensor2d"),
                                                                    (12288, 96, 2048, "tensor")])
 def test_blocks_choose_the_faster_tensor_parallel_layout(tmp_path, hidden, heads, seq, expected):
-    source = _model_file(tmp_path, hidden, heads, seq, global_batch=32)
+    source = _benchmark_module().write_gpt_model(tmp_path, hidden, heads, seq, global_batch=32)
     chosen = plan(source, "a100-80g", 16, mesh=(2, 1, 8), param_dtype=DTYPE)
     blocks = [layer for layer in chosen.layers if layer.tensor_parallel]
     assert blocks and {layer.strategy for layer in blocks} == {expected}
