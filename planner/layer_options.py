@@ -165,11 +165,11 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
         if option.sequence_parallel:  # the layer's output is gathered back to replicated, forward and backward
             allreduce_s += all_gather_time_s(layer.input_bytes * act_scale, group, cluster)
             backward_s = allreduce_s
-        else:
+        elif layer.tp_linears:
+            _, backward_comm_s = communication_s(tensor_1d_collectives(layer, act_scale), 1, tp, cluster)
+            backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
+        else:  # facts without per-linear detail (hand-built tables): as many bytes back as forward
             backward_s = allreduce_s
-            if layer.tp_linears:
-                backward_s = exposed_time_s(communication_s(tensor_1d_collectives(layer, act_scale), 1, tp, cluster)[1],
-                                            bwd_s, cluster.overlap.tensor_parallel)
     if shard > 1 and option.strategy == "vocab":
         allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
