@@ -42,14 +42,21 @@ def rank_grid(plan: Plan) -> torch.Tensor:
 
 
 def rank_groups(plan: Plan) -> dict[str, list[list[int]]]:
-    """Ranks of every pipeline stage, data-parallel group and tensor-parallel group (and, with HSDP, every
-    shard and replica group: runtime/data_parallel.py unflattens dp into (replicate, shard), shard fastest)."""
+    """Ranks of every pipeline stage, data-parallel group and tensor-parallel group (with HSDP, every shard and
+    replica group: runtime/data_parallel.py unflattens dp into (replicate, shard), shard fastest; with tensor2d
+    layers, each grid's rows-axis groups (weights gathered) and cols-axis groups (activations gathered))."""
     grid = rank_grid(plan)
     pp, dp, tp = grid.shape
     groups = {"pipeline rank": [grid[p].flatten().tolist() for p in range(pp)],
               "pp group": [grid[:, d, t].tolist() for d in range(dp) for t in range(tp)],
               "dp group": [grid[p, :, t].tolist() for p in range(pp) for t in range(tp)],
               "tp group": [grid[p, d, :].tolist() for p in range(pp) for d in range(dp)]}
+    for rows in sorted({layer.tp_rows for layer in plan.layers if layer.tp_rows}):
+        # tensor2d grids (runtime/tensor_parallel_2d.py): tp as rows x cols, cols fastest
+        cols = tp // rows
+        tiles = [grid[p, d, :].reshape(rows, cols) for p in range(pp) for d in range(dp)]
+        groups[f"tp {rows}x{cols} rows axis"] = [t[:, c].tolist() for t in tiles for c in range(cols)]
+        groups[f"tp {rows}x{cols} cols axis"] = [t[r, :].tolist() for t in tiles for r in range(rows)]
     replicate = plan.data_parallel.replicate
     if replicate > 1:
         hsdp = grid.reshape(pp, replicate, dp // replicate, tp)

@@ -115,13 +115,17 @@ def test_rank_layout_matches_the_runtime_device_mesh(plans):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from runtime.data_parallel import data_parallel_mesh
+    from runtime.tensor_parallel_2d import grid_for
     from runtime.train import build_mesh
 
     cube = copy.deepcopy(plans["pp2"])
     cube.world_size, cube.mesh.tp = 8, 2
     hsdp = copy.deepcopy(plans["dp2tp2"])
     hsdp.world_size, hsdp.mesh.dp, hsdp.data_parallel.replicate = 8, 4, 2
-    for p in (cube, hsdp):
+    grids = copy.deepcopy(plans["dp2tp2"])  # tp 4 as 2 x 2 grids (tensor2d) on 8 ranks
+    grids.world_size, grids.mesh.tp = 8, 4
+    grids.layers[2].strategy, grids.layers[2].tp_rows = "tensor2d", 2
+    for p in (cube, hsdp, grids):
         groups = rank_groups(p)
         for rank in range(p.world_size):
             dist.init_process_group("fake", rank=rank, world_size=p.world_size, store=FakeStore())
@@ -131,6 +135,10 @@ def test_rank_layout_matches_the_runtime_device_mesh(plans):
                 assert mesh["dp"].mesh.tolist() in groups["dp group"]
                 assert mesh["tp"].mesh.tolist() in groups["tp group"]
                 assert rank in groups["pipeline rank"][mesh.get_coordinate()[0]]
+                if grids is p:
+                    grid = grid_for(mesh["tp"], 2)
+                    assert grid["tp_rows2"].mesh.tolist() in groups["tp 2x2 rows axis"]
+                    assert grid["tp_cols2"].mesh.tolist() in groups["tp 2x2 cols axis"]
                 if p.data_parallel.replicate > 1:
                     dp_mesh = data_parallel_mesh(p, mesh)
                     assert dp_mesh["dp_shard"].mesh.tolist() in groups["dp shard group"]
