@@ -49,6 +49,7 @@ from planner.tensor_parallel_collectives import (
     tensor_2d_collectives,
     tensor_2d_extra_saved_bytes,
     tensor_2d_local_num_params,
+    tensor_sp_collectives,
 )
 
 CHECKPOINTS = ("none", "selective", "full")
@@ -157,19 +158,18 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
                                                   outside)
     allreduce_s = backward_s = 0.0
-    if shard > 1 and option.strategy == "tensor":
+    if shard > 1 and option.strategy == "tensor" and layer.tp_linears:
+        collectives = (tensor_sp_collectives if option.sequence_parallel else tensor_1d_collectives)(layer, act_scale)
+        forward_comm_s, backward_comm_s = communication_s(collectives, 1, tp, cluster)
+        allreduce_s = exposed_time_s(forward_comm_s, fwd_s, cluster.overlap.tensor_parallel)
+        backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
+    elif shard > 1 and option.strategy == "tensor":  # facts without per-linear detail (hand-built tables)
         group = list(range(tp))
-        # with sequence parallelism each all-reduce is a reduce-scatter + an all-gather: the same bytes
         allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, group, cluster)
         allreduce_s = exposed_time_s(allreduce_s, fwd_s, cluster.overlap.tensor_parallel)
         if option.sequence_parallel:  # the layer's output is gathered back to replicated, forward and backward
             allreduce_s += all_gather_time_s(layer.input_bytes * act_scale, group, cluster)
-            backward_s = allreduce_s
-        elif layer.tp_linears:
-            _, backward_comm_s = communication_s(tensor_1d_collectives(layer, act_scale), 1, tp, cluster)
-            backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
-        else:  # facts without per-linear detail (hand-built tables): as many bytes back as forward
-            backward_s = allreduce_s
+        backward_s = allreduce_s
     if shard > 1 and option.strategy == "vocab":
         allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)

@@ -5,6 +5,8 @@ issues (tests/test_tensor_parallel_collectives.py).
 1-D (`tensor`, Megatron style, torch's ColwiseParallel / RowwiseParallel over the contiguous tp group, axis
 `tp`): forward all-reduces each unit's output; backward all-reduces the unit input's gradient once (q, k and v
 share one DTensor input, runtime/unit_input.py; column linears reading different tensors reduce each theirs).
+With sequence parallelism each all-reduce becomes an all-gather and a reduce-scatter, and the layer's output
+(forward) and input gradient (backward) are all-gathered at its boundary.
 
 2-D (`tensor2d`):
 
@@ -85,6 +87,20 @@ def tensor_1d_collectives(layer: LayerFacts, act_scale: float) -> list[Collectiv
              for lin in layer.tp_linears if lin.rowwise]
     return found + [Collective("all_reduce", "tp", lin.input_bytes * act_scale, "backward")
                     for lin in _column_inputs(layer)]
+
+
+def tensor_sp_collectives(layer: LayerFacts, act_scale: float) -> list[Collective]:
+    """The collectives of one micro-batch of a sequence-parallel `tensor` layer (runtime/sequence_parallel.py):
+    per unit input an all-gather (sequence shards -> whole) and per unit output a reduce-scatter (partial ->
+    sequence shards), mirrored in backward; the layer's output is all-gathered back to every rank in forward,
+    and its input's gradient in backward."""
+    found = []
+    for phase in ("forward", "backward"):
+        found += [Collective("all_gather", "tp", lin.input_bytes * act_scale, phase) for lin in _column_inputs(layer)]
+        found += [Collective("reduce_scatter", "tp", lin.output_bytes * act_scale, phase)
+                  for lin in layer.tp_linears if lin.rowwise]
+        found.append(Collective("all_gather", "tp", layer.input_bytes * act_scale, phase))
+    return found
 
 
 def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: float,

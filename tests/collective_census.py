@@ -1,12 +1,14 @@
 """Collective census: every collective DTensor issues in one layer's forward and backward under a plan's tensor
-parallelism (`tensor` or `tensor2d`), for checking the cost model's predicted collectives against what runs.
+parallelism (`tensor`, with or without sequence parallelism, or `tensor2d`), for checking the cost model's
+predicted collectives against what runs.
 
     from collective_census import census_layer
     census_layer(plan, "blocks.0")   # one process, a fake process group of plan.world_size ranks
 
 What is run: the plan's MODEL, built whole on the CPU; one micro-batch (`plan.micro_batch_size` samples from its
-`make_batch`) goes through the unsharded model to capture the layer's input; then tensor parallelism (1-D and
-2-D, runtime/parallelize.py and runtime/tensor_parallel_2d.py) is applied and the layer alone runs forward and
+`make_batch`) goes through the unsharded model to capture the layer's input; then tensor parallelism (1-D,
+2-D and sequence parallel: runtime/parallelize.py, runtime/tensor_parallel_2d.py, runtime/sequence_parallel.py)
+is applied and the layer alone runs forward and
 backward (`output.sum().backward()`) under `forward_context`, with a TorchDispatchMode recording each
 `torch.ops._c10d_functional` collective (what DTensor redistributions call, forward and backward alike: the
 explicit `redistribute` calls and those DTensor's sharding propagation inserts inside an op, e.g. an all-gather
@@ -31,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
 from runtime.parallelize import apply_tensor_parallel, forward_context
+from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, grid_for
 from runtime.train import build_mesh
 
@@ -120,6 +123,7 @@ def census_layer(plan: Plan, layer_path: str) -> list[Collective]:
                              else t for t in captured[0])
         apply_tensor_parallel(spec.model, plan, mesh["tp"])
         apply_tensor_parallel_2d(spec.model, plan, mesh["tp"])
+        apply_sequence_parallel(spec.model, plan, mesh["tp"])
         recorder = _CollectiveRecorder(_axis_names(plan, mesh))
         with forward_context(plan), recorder:
             output = layer(*layer_inputs)
