@@ -28,7 +28,8 @@ from planner.api import plan  # noqa: E402
 from planner.layer_options import LayerOption, price_layer_option  # noqa: E402
 from planner.model_graph import build_model_graph  # noqa: E402
 from planner.model_spec import load_model_spec  # noqa: E402
-from planner.tensor_parallel_collectives import grid_rows_options, supports_tensor_parallel_2d  # noqa: E402
+from planner.plan import grid_rows_options  # noqa: E402
+from planner.tensor_parallel_collectives import supports_tensor_parallel_2d  # noqa: E402
 
 CLUSTER = "a100-80g"
 TP = 8

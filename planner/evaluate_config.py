@@ -65,7 +65,8 @@ from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
 from planner.partition import partition_chain, stage_costs
-from planner.tensor_parallel_collectives import grid_rows_options, supports_tensor_parallel_2d
+from planner.plan import grid_rows_options
+from planner.tensor_parallel_collectives import supports_tensor_parallel_2d
 from planner.vocab_parallel import supports_vocab_parallel
 
 

@@ -27,6 +27,11 @@ SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def grid_rows_options(tp: int) -> list[int]:
+    """Every `tp_rows` that lays tp out as a grid of at least 2 x 2 (strategy `tensor2d`)."""
+    return [rows for rows in range(2, tp // 2 + 1) if tp % rows == 0 and tp // rows >= 2]
+
+
 @dataclass
 class ModelRef:
     """Which model the plan was made for."""
@@ -305,7 +310,7 @@ class Plan:
             raise PlanError(f"{source}: {where} has strategy 'tensor2d' but no tensor_parallel units; "
                             "this layer has no column/row linear pairs, use strategy 'replicate'")
         if layer.tp_rows < 2 or tp % layer.tp_rows or tp // layer.tp_rows < 2:
-            grids = [f"{r}" for r in range(2, tp // 2 + 1) if tp % r == 0 and tp // r >= 2]
+            grids = [str(rows) for rows in grid_rows_options(tp)]
             fix = f"use one of {', '.join(grids)}" if grids else "tp must be at least 4 and not prime; use 'tensor'"
             raise PlanError(f"{source}: {where} has strategy 'tensor2d' with tp_rows {layer.tp_rows}, which does "
                             f"not lay tp={tp} out as a grid of at least 2 x 2 ranks; {fix}")

@@ -57,11 +57,6 @@ class Collective:
     """`forward` or `backward`."""
 
 
-def grid_rows_options(tp: int) -> list[int]:
-    """Every row count that lays tp out as a grid of at least 2 x 2."""
-    return [rows for rows in range(2, tp // 2 + 1) if tp % rows == 0 and tp // rows >= 2]
-
-
 def supports_tensor_parallel_2d(layer: LayerFacts, rows: int, cols: int, micro_batch_size: int) -> bool:
     """True when every unit linear splits its input features by rows and output features by cols, and reads a
     batch-first activation whose micro-batch splits by rows."""

@@ -9,7 +9,9 @@ is untouched.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
@@ -17,7 +19,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from planner.plan import Plan
+from planner.plan import LayerPlan, Plan, TensorParallelUnitPlan
 from planner.plan_schema import PlanError
 from runtime.conv1d_parallel import conv1d_style
 from runtime.traced_linear import colwise_style, linear_features, rowwise_style
@@ -31,6 +33,24 @@ def _submodule(model: nn.Module, path: str, source: str) -> nn.Module:
         raise PlanError(f"{source}: the model has no module {path!r}; the plan was made for another model") from err
 
 
+def unit_linears(module: nn.Module, layer: LayerPlan, unit: TensorParallelUnitPlan,
+                 to_dtensor: Callable[[torch.Tensor], DTensor]) -> list[tuple[str, nn.Module, bool, tuple[int, int]]]:
+    """The unit's linears of `layer` (whose module is `module`) as (path relative to the layer, module, rowwise,
+    (in, out) features), column linears first: nn.Linear, a pipeline stage's traced linear or a transformers
+    Conv1D, else a PlanError. The column linears are given one shared DTensor input made by `to_dtensor`
+    (runtime/unit_input.py); call before their styles are applied."""
+    found = []
+    for rel, rowwise in [(col, False) for col in unit.colwise] + [(unit.rowwise, True)]:
+        sub = _submodule(module, rel, f"layer {layer.path}")
+        features = linear_features(sub)
+        if features is None:
+            raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
+                            f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")
+        found.append((rel, sub, rowwise, features))
+    share_unit_input([sub for _, sub, rowwise, _ in found if not rowwise], found[-1][1], to_dtensor)
+    return found
+
+
 def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
     """Shard every `tensor` layer's units over `tp_mesh` with ColwiseParallel / RowwiseParallel, the column
     linears of a unit sharing one DTensor input (runtime/unit_input.py); sequence-parallel layers are left to
@@ -40,19 +60,15 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
             continue
         module = _submodule(model, layer.path, f"layer {layer.path}")
         styles = {}
+
+        def to_dtensor(x: torch.Tensor) -> DTensor:
+            return DTensor.from_local(x, tp_mesh, (Replicate(),), run_check=False)
+
         for unit in layer.tensor_parallel:
-            share_unit_input([_submodule(module, col, f"layer {layer.path}") for col in unit.colwise],
-                             _submodule(module, unit.rowwise, f"layer {layer.path}"),
-                             lambda x: DTensor.from_local(x, tp_mesh, (Replicate(),), run_check=False))
-            for rel, style in [(col, colwise_style) for col in unit.colwise] + [(unit.rowwise, rowwise_style)]:
-                sub = _submodule(module, rel, f"layer {layer.path}")
-                # an nn.Linear, one a pipeline stage's tracer outlined, or a transformers Conv1D
-                features = linear_features(sub)
-                if features is None:
-                    raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
-                                    f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")
-                styles[rel] = conv1d_style(sub, colwise=style is colwise_style) or style(sub)
-                dim = features[1] if style is colwise_style else features[0]
+            for rel, sub, rowwise, (in_features, out_features) in unit_linears(module, layer, unit, to_dtensor):
+                style = rowwise_style if rowwise else colwise_style
+                styles[rel] = conv1d_style(sub, colwise=not rowwise) or style(sub)
+                dim = in_features if rowwise else out_features
                 if tp_mesh.size() > 1 and dim % tp_mesh.size():
                     raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
                                     f"tp={tp_mesh.size()}")

@@ -45,9 +45,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from planner.linear_modules import is_conv1d
 from planner.plan import LayerPlan, Plan
 from planner.plan_schema import PlanError
-from runtime.parallelize import _submodule
-from runtime.traced_linear import linear_features
-from runtime.unit_input import share_unit_input
+from runtime.parallelize import _submodule, unit_linears
 
 ACTIVATION_PLACEMENTS = (Shard(0), Shard(-1))
 """Inside a unit: batch over the rows, features over the columns."""
@@ -153,15 +151,10 @@ def apply_tensor_parallel_2d(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) 
         grid = grid_for(tp_mesh, rows)
         module = _submodule(model, layer.path, f"layer {layer.path}")
         for unit in layer.tensor_parallel:
-            share_unit_input([_submodule(module, col, f"layer {layer.path}") for col in unit.colwise],
-                             _submodule(module, unit.rowwise, f"layer {layer.path}"),
-                             lambda x, grid=grid: DTensor.from_local(x, grid, REPLICATED, run_check=False).redistribute(
-                                 grid, LINEAR_INPUT_PLACEMENTS))
-            for rel, rowwise in [(col, False) for col in unit.colwise] + [(unit.rowwise, True)]:
-                sub = _submodule(module, rel, f"layer {layer.path}")
-                features = linear_features(sub)
-                if features is None:
-                    raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
-                                    f"{type(sub).__name__}, not an nn.Linear (or transformers Conv1D)")
+            def to_dtensor(x: torch.Tensor, grid: DeviceMesh = grid) -> DTensor:
+                return DTensor.from_local(x, grid, REPLICATED, run_check=False).redistribute(
+                    grid, LINEAR_INPUT_PLACEMENTS)
+
+            for rel, sub, rowwise, features in unit_linears(module, layer, unit, to_dtensor):
                 _check_divisible(layer, rel, features, rows, cols)
                 Tensor2DLinearParallel(rowwise, layer.path)._apply(sub, grid)
