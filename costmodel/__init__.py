@@ -5,7 +5,8 @@
     presets/*.yaml    shipped cluster profiles (a100-40g, a100-80g, h100, h200, l40s, cpu), sources inside
     dtypes.py         bytes per element by torch dtype name
     compute.py        roofline op time on efficiency curves, launch overhead, recompute, optimizer, offload copies
-    communication.py  alpha-beta collectives (one level, two levels across nodes), exposed time under overlap
+    communication.py  alpha-beta collectives (a ring on the slowest level a group spans), exposed time
+    overlap.py        data-parallel gathers and reductions hidden behind a layer's compute
     memory.py         model states with ZeRO, transformer activations, pipeline in-flight and bubble, buffers
     calibrate.py      `meshplan calibrate`: measure this machine and write a profile
 """
@@ -31,12 +32,14 @@ from .communication import (
 from .compute import (
     dtype_bytes,
     host_transfer_time_s,
+    issued_time_s,
     kernel_overhead_time_s,
     op_time_s,
     optimizer_bytes_per_param,
     optimizer_step_time_s,
     recompute_time_s,
 )
+from .overlap import data_parallel_exposed_s
 from .memory import (
     ModelStateBytes,
     collective_buffer_bytes,
@@ -58,10 +61,12 @@ __all__ = [
     "all_reduce_time_s",
     "all_to_all_time_s",
     "collective_buffer_bytes",
+    "data_parallel_exposed_s",
     "dtype_bytes",
     "exposed_time_s",
     "host_transfer_time_s",
     "in_flight_microbatches",
+    "issued_time_s",
     "kernel_overhead_time_s",
     "list_presets",
     "load_cluster",

@@ -10,14 +10,14 @@ bandwidth one device sees, as nccl-tests reports `busbw`), ring algorithms give:
                                                                     whole send buffer)
     point_to_point          alpha +             message_bytes / B
 
-Groups that span nodes (ranks node-major, `Cluster.node_of`):
-- g ranks on each of k > 1 nodes (the same g on every node): two levels, as NCCL's trees / hierarchical
-  algorithms and every inter-node ring that keeps one NIC per GPU busy behave. reduce_scatter = RS inside each
-  node on the whole input, then RS across nodes on 1/g of it; all_gather mirrors it (AG across nodes on 1/g,
-  then inside); all_reduce = reduce_scatter + all_gather. The g cross-node sub-collectives run at the same
-  time on separate NICs (the presets' inter-node bandwidth is per GPU). With g = 1 this is the plain ring on
-  the inter-node link.
-- any other layout (uneven ranks per node): one ring over all n ranks at the inter-node (slowest) link.
+Groups that span nodes (ranks node-major, `Cluster.node_of`): one ring over all n ranks on the inter-node
+link, whatever the layout: every rank's share of the message crosses its own NIC at the inter-node (alpha, B),
+so all_reduce = 2(n-1) alpha_inter + 2(n-1)/n M / B_inter and the others likewise. Calculon (Isaev et al.,
+SC'23) prices a collective spanning nodes the same way (on the slowest network it touches), and it is what the
+published runs say: DeepSpeed ZeRO-3 at 768 and 1,536 A100s (Narayanan et al. 2021 Table 2) takes the same
+66.75 s a step, the per-rank volume at the NIC rate, where a two-level model (RS inside nodes, 1/g of the
+bytes across them) prices it 4-8x faster (benchmarks/published_runs.py). Blind spot: NCCL's multi-rail
+rings can beat this inside fabrics where every GPU of a node drives its own NIC in parallel rings.
 - all_to_all across nodes: (n-1) inter-node latencies, and the intra-node and inter-node shares of the
   message sent at the same time: max((g-1)/n * M / B_intra, (n-g)/n * M / B_inter).
 
@@ -26,8 +26,8 @@ measured one, else the level's link. A group of one rank costs 0.0, as does a se
 
 Blind spots: ring latency (n-1) alpha everywhere; NCCL's trees give ~log2(n) alpha for small messages on
 large groups, so latency-bound collectives on many ranks are overestimated; no contention between
-concurrent collectives on different mesh axes; overlap with compute is applied separately by
-`exposed_time_s`.
+concurrent collectives on different mesh axes; overlap with compute is applied separately
+(`exposed_time_s`, costmodel/overlap.py).
 """
 
 import math
@@ -72,44 +72,33 @@ def _ring_s(n: int, steps_factor: int, volume_factor: float, num_bytes: float, l
     return latency_s + volume_factor * (n - 1) / n * num_bytes / link.bandwidth_bytes_per_s
 
 
+def _link_level(ranks: Sequence[int], cluster: Cluster) -> str:
+    """"intra_node" when the group sits on one node, else "inter_node" (the module docstring's one ring)."""
+    _, k, _ = _layout(ranks, cluster)
+    return "intra_node" if k == 1 else "inter_node"
+
+
 def _half_collective_s(collective: str, num_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """all_gather (output bytes) or reduce_scatter (input bytes): one level, two levels or a slow ring."""
-    n, k, uniform = _layout(ranks, cluster)
-    if k == 1:
-        return _ring_s(n, 1, 1.0, num_bytes, cluster.link("intra_node", collective))
-    if not uniform:
-        return _ring_s(n, 1, 1.0, num_bytes, cluster.link("inter_node", collective))
-    g = n // k
-    return (_ring_s(g, 1, 1.0, num_bytes, cluster.link("intra_node", collective))
-            + _ring_s(k, 1, 1.0, num_bytes / g, cluster.link("inter_node", collective)))
+    """all_gather (output bytes) or reduce_scatter (input bytes): one ring on the slowest level the group spans."""
+    return _ring_s(len(ranks), 1, 1.0, num_bytes, cluster.link(_link_level(ranks, cluster), collective))
 
 
 def all_reduce_time_s(message_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """All-reduce of a `message_bytes` tensor over `ranks` (seconds).
-
-    One node: 2(n-1) alpha + 2(n-1)/n M / B. Across nodes: reduce_scatter + all_gather of the module
-    docstring's two-level (uniform layout) or slowest-link ring model, priced with the all_reduce links.
-    """
+    """All-reduce of a `message_bytes` tensor over `ranks` (seconds): 2(n-1) alpha + 2(n-1)/n M / B on the
+    slowest level the group spans (one node: intra_node; several: inter_node), with the all_reduce links."""
     message_bytes = _check_bytes("message_bytes", message_bytes)
-    n, k, uniform = _layout(ranks, cluster)
-    if k == 1:
-        return _ring_s(n, 2, 2.0, message_bytes, cluster.link("intra_node", "all_reduce"))
-    if not uniform:
-        return _ring_s(n, 2, 2.0, message_bytes, cluster.link("inter_node", "all_reduce"))
-    g = n // k
-    return (_ring_s(g, 2, 2.0, message_bytes, cluster.link("intra_node", "all_reduce"))
-            + _ring_s(k, 2, 2.0, message_bytes / g, cluster.link("inter_node", "all_reduce")))
+    return _ring_s(len(ranks), 2, 2.0, message_bytes, cluster.link(_link_level(ranks, cluster), "all_reduce"))
 
 
 def all_gather_time_s(output_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """All-gather into an `output_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * output_bytes / B in one
-    node; across g x k nodes: AG across nodes of output/g, then AG inside each node of the whole output."""
+    """All-gather into an `output_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * output_bytes / B on the
+    slowest level the group spans."""
     return _half_collective_s("all_gather", _check_bytes("output_bytes", output_bytes), ranks, cluster)
 
 
 def reduce_scatter_time_s(input_bytes: float, ranks: Sequence[int], cluster: Cluster) -> float:
-    """Reduce-scatter of an `input_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * input_bytes / B in one
-    node; across g x k nodes: RS inside each node of the whole input, then RS across nodes of input/g."""
+    """Reduce-scatter of an `input_bytes` tensor (seconds): (n-1) alpha + (n-1)/n * input_bytes / B on the
+    slowest level the group spans."""
     return _half_collective_s("reduce_scatter", _check_bytes("input_bytes", input_bytes), ranks, cluster)
 
 

@@ -21,6 +21,7 @@ from .dtypes import dtype_bytes, normalize_dtype_name
 __all__ = [
     "dtype_bytes",
     "host_transfer_time_s",
+    "issued_time_s",
     "kernel_overhead_time_s",
     "op_time_s",
     "optimizer_bytes_per_param",
@@ -63,6 +64,21 @@ def op_time_s(flops: float, bytes_accessed: float, cluster: Cluster, dtype: str 
             bytes_accessed))
     overhead_s = cluster.kernel_overhead_s if include_overhead else 0.0
     return max(compute_s, memory_s) + overhead_s
+
+
+def issued_time_s(device_s: float, host_s: float, cluster: Cluster) -> float:
+    """Wall seconds of a run of ops whose kernels take `device_s` on the device and `host_s` to issue on the host.
+
+    CUDA (device_type "cuda"): the host enqueues kernels on a stream and runs ahead of the device, so the two
+    overlap and the slower one bounds the run: max(device_s, host_s). CPU processes run the kernels on the
+    same core that dispatches them: device_s + host_s. Apply it per stretch of ops that the host issues without
+    waiting for the device (one phase of one layer); a synchronising op (`.item()`, a blocking collective)
+    ends a stretch. Blind spot: the first kernel of a stretch still waits for its own launch (one
+    kernel_overhead_s per stretch is not charged).
+    """
+    device_s = _check_amount("device_s", device_s)
+    host_s = _check_amount("host_s", host_s)
+    return max(device_s, host_s) if cluster.device_type == "cuda" else device_s + host_s
 
 
 def kernel_overhead_time_s(num_ops: float, cluster: Cluster) -> float:

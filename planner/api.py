@@ -88,7 +88,7 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
         cluster=cluster.to_dict(), world_size=world_size,
         mesh=MeshShape(pp=config.pp, dp=config.dp, tp=config.tp),
         data_parallel=DataParallelPlan(kind=config.dp_kind, replicate=config.replicate, offload=config.offload),
-        precision=PrecisionPlan(param_dtype=config.param_dtype),
+        precision=PrecisionPlan(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype),
         pipeline=PipelinePlan(schedule=config.schedule, num_microbatches=config.num_microbatches,
                               virtual_stages=config.virtual_stages),
         layers=layers, predicted=prediction_of(best, cluster), alternatives=alternatives, seed=seed)

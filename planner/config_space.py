@@ -29,6 +29,8 @@ class ParallelConfig:
     global_batch_size: int
     offload: bool = False
     """zero3 only: model states on the host (CPUOffloadPolicy)."""
+    reduce_dtype: str = "float32"
+    """Dtype of the data-parallel gradient reduction (the search keeps float32; a plan may say otherwise)."""
 
     @property
     def micro_batch_size(self) -> int:
@@ -41,7 +43,8 @@ class ParallelConfig:
     def data_parallel_setup(self) -> DataParallelSetup:
         return DataParallelSetup(kind=self.dp_kind, dp=self.dp, tp=self.tp, replicate=self.replicate,
                                  offload=self.offload, num_microbatches=self.num_microbatches,
-                                 pipelined=self.pp > 1, param_dtype=self.param_dtype)
+                                 pipelined=self.pp > 1, param_dtype=self.param_dtype,
+                                 reduce_dtype=self.reduce_dtype)
 
     @property
     def summary(self) -> str:

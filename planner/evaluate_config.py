@@ -8,8 +8,9 @@ A rank's step time is F * (sum of its layers' u + pipeline sends per micro-batch
 rank. So minimising the sum of u on a rank is exactly minimising its step time, which lets one ILP per rank
 choose options with the pipeline bubble and once-per-step costs weighed correctly.
 
-Overlap: the profile's overlap fractions (`fsdp_all_gather`, `gradient_reduction`, `pipeline_p2p`,
-`tensor_parallel`) hide that share of each communication behind the compute it runs beside
+Overlap: a layer's data-parallel gathers and reductions hide together behind the windows
+`data_parallel_windows_s` picks (costmodel/overlap.py); tensor-parallel collectives behind their own phase
+and pipeline sends behind their own duration, each by the profile's overlap fraction
 (costmodel.exposed_time_s).
 
 Memory model per device: model states of its layers (data_parallel_costs) + for each stage it runs, the
@@ -36,6 +37,7 @@ from torch import nn
 
 from costmodel import (
     Cluster,
+    data_parallel_exposed_s,
     dtype_bytes,
     exposed_time_s,
     host_transfer_time_s,
@@ -185,10 +187,9 @@ class ConfigPricer:
                                                 config.pp > 1):
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
-            # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)
-            window_s = micro.compute_s * config.num_microbatches
-            communication_s = (exposed_time_s(gather_s, window_s, overlap.fsdp_all_gather)
-                               + exposed_time_s(reduce_s, window_s * 2 / 3, overlap.gradient_reduction))
+            communication_s = data_parallel_exposed_s(gather_s, reduce_s,
+                                                      *data_parallel_windows_s(micro, config.num_microbatches),
+                                                      overlap)
             owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
                                                                            setup.shard_degree)
             mixed = config.param_dtype != "float32"
@@ -386,6 +387,15 @@ class ConfigPricer:
             forward_s = sum(c.micro.forward_s for c in members) + half_p2p_s
             times.append((forward_s, sum(c.micro.time_s for c in members) + 2 * half_p2p_s - forward_s))
         return times
+
+
+def data_parallel_windows_s(micro: OptionCost, num_microbatches: int) -> tuple[float, float]:
+    """(gather window, reduction window) of one layer per step, seconds: the compute its data-parallel
+    collectives run beside (costmodel/overlap.py). Gathers: every micro-batch's forward, backward and
+    recomputation (FSDP2 prefetches one layer ahead in both passes). Reductions: the last micro-batch's
+    backward and recomputation (with accumulation, gradients are reduced once, after the last one)."""
+    return (num_microbatches * (micro.compute_s + micro.recompute_s),
+            micro.backward_compute_s + micro.recompute_s)
 
 
 def allowed_stage_starts(model: nn.Module, layers: list) -> list[int]:

@@ -39,6 +39,7 @@ from costmodel import (
     dtype_bytes,
     exposed_time_s,
     host_transfer_time_s,
+    issued_time_s,
     op_time_s,
 )
 from planner.linear_modules import linear_like_features
@@ -95,6 +96,8 @@ class OptionCost:
     """Activations live while this layer runs (what checkpointing rematerialises for backward)."""
     local_num_params: int
     """Parameters on this device after tensor-parallel sharding (before data-parallel sharding)."""
+    backward_compute_s: float = 0.0
+    """The backward's share of compute_s (what gradient reductions can hide behind, with recompute_s)."""
     forward_s: float = 0.0
     """The forward's share of time_s: forward compute, its tensor-parallel all-reduce, half the offload
     traffic (the rest runs in backward). Only the pipeline timeline uses it."""
@@ -201,7 +204,7 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     return OptionCost(compute_s=fwd_s + bwd_s, recompute_s=recompute_s, tp_communication_s=tp_comm_s,
                       offload_s=offload_s, activation_bytes=kept, working_bytes=saved - kept,
                       # norm parameters stay replicated under sequence parallelism: only units shard weights
-                      local_num_params=local_num_params,
+                      local_num_params=local_num_params, backward_compute_s=bwd_s,
                       forward_s=fwd_s + allreduce_s + offload_s / 2)
 
 
@@ -223,9 +226,11 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
                      param_dtype: str, outside: int = 1) -> tuple[float, float, float]:
     """(forward, backward, forward non-matmul) seconds of the layer on one rank.
 
-    Each traced op is priced alone on the profile's efficiency curves plus its per-op launch overhead (the
-    curves are indexed by one op's size); ops inside tensor-parallel units do 1/shard of the work and, run on
-    DTensors, pay the profile's dtensor_op_overhead instead of the plain per-op overhead. Layers
+    Each traced op is priced alone on the profile's efficiency curves (the curves are indexed by one op's
+    size) for its device time, and costs the host its per-op launch overhead to issue (the profile's
+    dtensor_op_overhead instead for ops on DTensors, inside tensor-parallel units); ops inside units do
+    1/shard of the work. Each phase's time is costmodel.issued_time_s of the two sums: the slower of host and
+    device on CUDA (the host runs ahead of the stream), their sum on CPU processes. Layers
     without per-op facts (hand-built tables) are priced as one matmul and one memory-bound op per phase.
     """
     if not layer.ops:
@@ -240,19 +245,22 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
             + op_time_s(0.0, split(layer.bwd_bytes, layer.tp_bwd_bytes) * bytes_scale, cluster, param_dtype,
                         is_matmul=False)
         return fwd_s, bwd_s, fwd_memory_s
-    forward_s = backward_s = forward_memory_s = 0.0
+    # device seconds and host (issue) seconds of the forward, the backward and the forward's non-matmul ops
+    device = {"forward": 0.0, "backward": 0.0, "forward_memory": 0.0}
+    host = dict(device)
     for op in layer.ops:
         divisor = shard if op.tensor_parallel else outside
-        # activations inside tensor-parallel units (and, under sequence parallelism, around them) are DTensors
+        # activations inside tensor-parallel units (and, under sequence parallelism, around them) are DTensors,
+        # whose dispatch per op replaces the plain op's overhead
         on_dtensors = shard > 1 and (op.tensor_parallel or outside > 1) and cluster.dtensor_op_overhead_s > 0
-        seconds = op_time_s(op.flops * batch_scale / divisor, op.bytes_accessed * bytes_scale / divisor, cluster,
-                            param_dtype, is_matmul=op.is_matmul, include_overhead=not on_dtensors)
-        if on_dtensors:  # DTensor's dispatch per op replaces the plain op's overhead
-            seconds += cluster.dtensor_op_overhead_s
-        if op.phase == "forward":
-            forward_s += seconds
-            if not op.is_matmul:
-                forward_memory_s += seconds
-        else:
-            backward_s += seconds
+        moved = op.activation_bytes if op.is_matmul else op.bytes_accessed
+        seconds = op_time_s(op.flops * batch_scale / divisor, moved * bytes_scale / divisor, cluster,
+                            param_dtype, is_matmul=op.is_matmul)
+        issue_s = cluster.dtensor_op_overhead_s if on_dtensors else cluster.kernel_overhead_s
+        phases = [op.phase] + (["forward_memory"] if op.phase == "forward" and not op.is_matmul else [])
+        for phase in phases:
+            device[phase] += seconds
+            host[phase] += issue_s
+    forward_s, backward_s, forward_memory_s = (issued_time_s(device[p], host[p], cluster)
+                                               for p in ("forward", "backward", "forward_memory"))
     return forward_s, backward_s, forward_memory_s

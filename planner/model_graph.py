@@ -42,6 +42,10 @@ class OpFacts:
     is_matmul: bool
     tensor_parallel: bool
     """Inside a tensor-parallel unit: its FLOPs and bytes divide by tp under the `tensor` strategy."""
+    activation_bytes: float = 0.0
+    """Matmuls only: bytes of the non-parameter operands read and the output written (they scale with the
+    batch; weights do not and are left out), so a matmul whose output dwarfs its FLOPs (attention's q k^T over
+    s x s scores with a small head dimension) is priced memory-bound by the roofline."""
 
 
 @dataclass
@@ -141,6 +145,13 @@ def _node_flops(node: torch.fx.Node) -> float:
         return 0.0
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     return float(counter(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def _activation_bytes(node: torch.fx.Node, param_storages: set) -> float:
+    """Bytes a matmul node writes plus the bytes of its inputs that are not parameters (or views of them)."""
+    inputs = [t for i in node.all_input_nodes for t in _tensors(i.meta.get("val"))
+              if _storage_key(t) not in param_storages]
+    return float(_nbytes(node.meta.get("val")) + sum(t.numel() * t.element_size() for t in inputs))
 
 
 def _storage_key(tensor: torch.Tensor):
@@ -305,7 +316,8 @@ def model_graph_from_capture(model: nn.Module, captured: CapturedStep, sample_ba
             saved_bytes=saved, tensor_parallel=in_tp)
         if isinstance(node.target, torch._ops.OpOverload):
             layer.ops.append(OpFacts(phase=phase, flops=flops, bytes_accessed=moved, is_matmul=is_mm,
-                                     tensor_parallel=in_tp))
+                                     tensor_parallel=in_tp,
+                                     activation_bytes=_activation_bytes(node, param_storages) if is_mm else 0.0))
         if phase == "forward":
             layer.fwd_flops += flops
             layer.fwd_bytes += moved

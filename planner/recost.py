@@ -51,7 +51,8 @@ def config_of(plan: Plan) -> ParallelConfig:
                           num_microbatches=plan.pipeline.num_microbatches, schedule=plan.pipeline.schedule,
                           virtual_stages=plan.pipeline.virtual_stages, dp_kind=plan.data_parallel.kind,
                           replicate=plan.data_parallel.replicate, param_dtype=plan.precision.param_dtype,
-                          global_batch_size=plan.model.global_batch_size, offload=plan.data_parallel.offload)
+                          global_batch_size=plan.model.global_batch_size, offload=plan.data_parallel.offload,
+                          reduce_dtype=plan.precision.reduce_dtype)
 
 
 def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluster) -> None:
@@ -139,7 +140,5 @@ def recost_plan(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluste
     if plan.data_parallel.kind == "zero3" and not plan.data_parallel.reshard_after_forward:
         notes.append("data_parallel.reshard_after_forward false: priced as resharding after forward (the cost "
                      "model does not price keeping gathered parameters)")
-    if plan.precision.reduce_dtype != "float32":
-        notes.append(f"precision.reduce_dtype {plan.precision.reduce_dtype}: gradient reduction priced in float32")
     prediction = prediction_of(result, cluster, step_time_s=step_s)
     return Recosted(result, prediction, layer_predictions(result), notes, cluster.name)

@@ -72,7 +72,7 @@ def test_a100_preset_numbers():
     assert cluster.host_link == LinkSpec(25 * GB, 10e-6)
     assert cluster.kernel_overhead_s == pytest.approx(8e-6)
     assert cluster.matmul_efficiency["bfloat16"].points[-1] == (1e12, 0.8)
-    assert cluster.overlap.fsdp_all_gather == 0.8 and cluster.overlap.tensor_parallel == 0.0
+    assert cluster.overlap.fsdp_all_gather == 0.2 and cluster.overlap.tensor_parallel == 0.0  # fitted: published_runs.py
 
 
 def test_cpu_preset_numbers():
@@ -246,9 +246,8 @@ def test_all_gather_and_reduce_scatter(toy):
     # (n-1) alpha + (n-1)/n bytes / B with n=4 intra: 3 * 10 us + 0.75 * 0.01 s
     assert all_gather_time_s(1e9, [0, 1, 2, 3], toy) == pytest.approx(0.00753)
     assert reduce_scatter_time_s(1e9, [0, 1, 2, 3], toy) == pytest.approx(0.00753)
-    # n=8 on 2 nodes x 4, two levels: AG across nodes of 1/4 (50 us + 1/2 * 0.25 GB / 10 GB/s), then AG
-    # inside each node of the whole output (3 * 10 us + 3/4 * 1 GB / 100 GB/s)
-    assert all_gather_time_s(1e9, range(8), toy) == pytest.approx(50e-6 + 0.0125 + 0.00753)
+    # n=8 on 2 nodes x 4: one ring of 8 at the inter-node link (7 * 50 us + 7/8 * 1 GB / 10 GB/s)
+    assert all_gather_time_s(1e9, range(8), toy) == pytest.approx(7 * 50e-6 + 0.0875)
 
 
 def test_all_reduce_is_reduce_scatter_plus_all_gather(toy):

@@ -165,16 +165,15 @@ def test_host_transfer(v2):
 # ---------------------------------------------------------------------------------------------- communication
 
 
-def test_two_level_all_reduce(v2):
-    # 8 ranks on 2 nodes x 4: RS+AG inside (2*3*10us + 1.5 * 1 GB / 100 GB/s) and across (2*1*50us +
-    # 1 * 0.25 GB / 10 GB/s)
-    expected = 6 * 10e-6 + 0.015 + 2 * 50e-6 + 0.025
-    assert all_reduce_time_s(1e9, range(8), v2) == pytest.approx(expected)
+def test_all_reduce_across_nodes_is_one_ring_at_the_inter_node_link(v2):
+    # 8 ranks on 2 nodes x 4: 2 * 7 * 50 us + 2 * 7/8 * 1 GB / 10 GB/s (Calculon's choice, and what the
+    # published ZeRO-3 runs measure: benchmarks/published_runs.py)
+    assert all_reduce_time_s(1e9, range(8), v2) == pytest.approx(2 * 7 * 50e-6 + 2 * 7 / 8 * 1e9 / 10e9)
     ranks = [0, 1, 4, 5]
     total = reduce_scatter_time_s(1e8, ranks, v2) + all_gather_time_s(1e8, ranks, v2)
     assert all_reduce_time_s(1e8, ranks, v2) == pytest.approx(total)
-    # hierarchical is faster than one ring at inter-node speed over all 8
-    assert expected < 2 * 7 * 50e-6 + 2 * 7 / 8 * 1e9 / 10e9
+    # inside one node the intra-node link prices it
+    assert all_reduce_time_s(1e9, range(4), v2) == pytest.approx(2 * 3 * 10e-6 + 2 * 3 / 4 * 1e9 / 100e9)
 
 
 def test_uneven_group_uses_slowest_ring(v2):

@@ -27,15 +27,44 @@ def facts(**changes) -> LayerFacts:
     return dataclasses.replace(layer, **changes)
 
 
-def test_each_op_is_priced_alone_with_overhead(cluster):
-    cost = price_layer_option(facts(), LayerOption("replicate"), 1, 1.0, cluster)
-    expected = sum(op_time_s(o.flops, o.bytes_accessed, cluster, is_matmul=o.is_matmul, include_overhead=True)
-                   for o in facts().ops)
+def cpu_profile(cluster: Cluster) -> Cluster:
+    return dataclasses.replace(cluster, device_type="cpu", backend="gloo")
+
+
+def phase_s(ops, cluster: Cluster, phase: str, overhead_s: float | None = None) -> float:
+    """The independent reference of one phase: every op on its own curve, and its launch overhead on the host;
+    CPU processes add the two, a CUDA host runs ahead of the device (the slower one bounds the phase)."""
+    chosen = [o for o in ops if o.phase == phase]
+    device_s = sum(op_time_s(o.flops, o.bytes_accessed, cluster, is_matmul=o.is_matmul) for o in chosen)
+    host_s = len(chosen) * (cluster.kernel_overhead_s if overhead_s is None else overhead_s)
+    return device_s + host_s if cluster.device_type == "cpu" else max(device_s, host_s)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_each_op_is_priced_alone_with_overhead(cluster, device_type):
+    profile = cpu_profile(cluster) if device_type == "cpu" else cluster
+    cost = price_layer_option(facts(), LayerOption("replicate"), 1, 1.0, profile)
+    expected = phase_s(facts().ops, profile, "forward") + phase_s(facts().ops, profile, "backward")
     assert cost.compute_s == pytest.approx(expected)
-    assert cost.compute_s > 4 * cluster.kernel_overhead_s
-    # two small matmuls are less efficient than one of their summed size: per-op pricing is slower
-    summed = facts(ops=[])
-    assert price_layer_option(summed, LayerOption("replicate"), 1, 1.0, cluster).compute_s < cost.compute_s
+    if device_type == "cpu":
+        assert cost.compute_s == pytest.approx(sum(
+            op_time_s(o.flops, o.bytes_accessed, profile, is_matmul=o.is_matmul, include_overhead=True)
+            for o in facts().ops))
+        # without per-op facts the layer is one matmul and one memory-bound op a phase, launch overhead unpriced
+        summed = facts(ops=[])
+        assert price_layer_option(summed, LayerOption("replicate"), 1, 1.0, profile).compute_s < cost.compute_s
+
+
+def test_a_cuda_host_runs_ahead_of_the_device(cluster):
+    # launch-bound ops cost their launches, compute-bound ones their device time, never the sum
+    tiny = [OpFacts("forward", 1e3, 0.0, True, False)] * 10
+    big = [OpFacts("forward", 1e12, 0.0, True, False)]
+    for ops in (tiny, big):
+        cost = price_layer_option(facts(ops=ops), LayerOption("replicate"), 1, 1.0, cluster)
+        device_s = sum(op_time_s(o.flops, 0.0, cluster) for o in ops)
+        assert cost.compute_s == pytest.approx(max(device_s, len(ops) * cluster.kernel_overhead_s))
+    assert price_layer_option(facts(ops=tiny), LayerOption("replicate"), 1, 1.0, cluster).compute_s == \
+        pytest.approx(10 * cluster.kernel_overhead_s)
 
 
 def test_checkpointing_trades_recompute_for_activations(cluster):
@@ -43,9 +72,7 @@ def test_checkpointing_trades_recompute_for_activations(cluster):
     none, selective, full = (price_layer_option(layer, LayerOption("replicate", c), 1, 1.0, cluster)
                              for c in ("none", "selective", "full"))
     assert (none.activation_bytes, selective.activation_bytes, full.activation_bytes) == (1000, 500, 100)
-    forward_s = sum(op_time_s(o.flops, o.bytes_accessed, cluster, is_matmul=o.is_matmul, include_overhead=True)
-                    for o in layer.ops if o.phase == "forward")
-    assert full.recompute_s == pytest.approx(forward_s)
+    assert full.recompute_s == pytest.approx(phase_s(layer.ops, cluster, "forward"))
     assert 0 < selective.recompute_s < full.recompute_s and none.recompute_s == 0
 
 
@@ -114,14 +141,22 @@ def test_peak_memory_holds_gradients_or_activations(num_microbatches):
 def test_tensor_parallel_ops_pay_the_dtensor_overhead(cluster):
     ops = [OpFacts("forward", 2e8, 0.0, True, True), OpFacts("forward", 0.0, 4e6, False, False)]
     layer = facts(ops=ops)
-    plain = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, cluster)
-    slow = dataclasses.replace(cluster, dtensor_op_overhead_s=1e-3)
+    cpu = cpu_profile(cluster)
+    plain = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, cpu)
+    slow = dataclasses.replace(cpu, dtensor_op_overhead_s=1e-3)
     dtensor = price_layer_option(layer, LayerOption("tensor"), 2, 1.0, slow)
     # only the tensor-parallel op swaps its plain overhead for the DTensor one
     assert dtensor.compute_s - plain.compute_s == pytest.approx(1e-3 - cluster.kernel_overhead_s)
     replicated = price_layer_option(layer, LayerOption("replicate"), 2, 1.0, slow)
     assert replicated.compute_s == pytest.approx(price_layer_option(layer, LayerOption("replicate"), 2, 1.0,
-                                                                    cluster).compute_s)
+                                                                    cpu).compute_s)
+    # on CUDA the DTensor dispatch hides under the device's work until the host becomes the slower side
+    cuda = dataclasses.replace(cluster, dtensor_op_overhead_s=1e-3)
+    host_s = 1e-3 + cluster.kernel_overhead_s
+    device_s = sum(op_time_s(o.flops / (2 if o.tensor_parallel else 1), o.bytes_accessed, cluster,
+                             is_matmul=o.is_matmul) for o in ops)
+    assert price_layer_option(layer, LayerOption("tensor"), 2, 1.0, cuda).compute_s == pytest.approx(
+        max(device_s, host_s))
 
 
 def test_sequence_parallel_keeps_norm_parameters_replicated(cluster):

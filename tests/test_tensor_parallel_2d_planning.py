@@ -19,6 +19,7 @@ from costmodel import load_cluster
 from planner.api import plan
 from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
+from planner.plan_schema import PlanError
 from planner.recost import recost_plan
 
 DTYPE = "bfloat16"
@@ -52,4 +53,9 @@ def test_blocks_choose_the_faster_tensor_parallel_layout(tmp_path, hidden, heads
             if layer.tensor_parallel:
                 layer.strategy, layer.tp_rows = strategy, tp_rows
         edited.validate("edited")
-        assert recost_plan(edited, spec.model, graph, cluster).prediction.step_time_ms >= best_ms - 1e-9
+        try:
+            recosted = recost_plan(edited, spec.model, graph, cluster)
+        except PlanError as err:  # a grid the chosen micro-batch (or checkpoint) rules out is no rival
+            assert "not offer" in str(err)
+            continue
+        assert recosted.prediction.step_time_ms >= best_ms - 1e-9
