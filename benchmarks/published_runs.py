@@ -119,7 +119,8 @@ def published_option(row: dict, layer, offered: list[LayerOption]) -> tuple[Laye
     wanted.append(LayerOption("replicate", checkpoint))
     for option in wanted:
         if option in offered:
-            return option, "" if option == wanted[0] else f"{layer.path}: {wanted[0].label} not offered, priced as {option.label}"
+            differs = f"{layer.path}: {wanted[0].label} not offered, priced as {option.label}"
+            return option, "" if option == wanted[0] else differs
     raise SystemExit(f"{row['name']}: {layer.path} offers none of {[o.label for o in wanted]}")
 
 
@@ -252,7 +253,8 @@ def main() -> None:
     if not errors:
         return
     magnitudes = [abs(e) for e in errors.values()]
-    print(f"\nmean |error| {statistics.mean(magnitudes):.1%}, max |error| {max(magnitudes):.1%} over {len(errors)} rows")
+    print(f"\nmean |error| {statistics.mean(magnitudes):.1%}, max |error| {max(magnitudes):.1%} "
+          f"over {len(errors)} rows")
     ratios = []
     for gpus in sorted({r["gpus"] for r in rows if "_t2_" in r["name"]}):
         z3 = next((r for r in rows if "_t2_z3_" in r["name"] and r["gpus"] == gpus), None)

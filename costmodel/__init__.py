@@ -39,7 +39,6 @@ from .compute import (
     optimizer_step_time_s,
     recompute_time_s,
 )
-from .overlap import data_parallel_exposed_s
 from .memory import (
     ModelStateBytes,
     collective_buffer_bytes,
@@ -49,6 +48,7 @@ from .memory import (
     sharded_model_state_bytes,
     transformer_layer_activation_bytes,
 )
+from .overlap import data_parallel_exposed_s
 
 __all__ = [
     "Cluster",
