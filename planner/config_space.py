@@ -61,14 +61,14 @@ def _divisors(n: int) -> list[int]:
 
 def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, global_batch_size: int,
                       param_dtype: str = "float32", mesh: tuple[int, int, int] | None = None,
-                      max_microbatches: int = 64, host_offload: bool = False) -> list[ParallelConfig]:
+                      max_microbatches: int | None = None, host_offload: bool = False) -> list[ParallelConfig]:
     """Every configuration worth pricing, in a fixed order.
 
     tp divides the world and fits in a node; pp cuts the chain into at most one layer per stage; dp divides
     the global batch; micro-batch counts divide the per-rank batch (at least pp of them for a pipeline, at most
-    `max_microbatches`); HSDP replicates across nodes when a data-parallel group spans several; with
-    `host_offload` (the profile has a host link), zero3 without a pipeline may also keep model states on the
-    host.
+    `max_microbatches` when given: published runs use hundreds); HSDP replicates across nodes when a
+    data-parallel group spans several; with `host_offload` (the profile has a host link), zero3 without a
+    pipeline may also keep model states on the host.
     """
     configs = []
     meshes = [mesh] if mesh else [(pp, world_size // (pp * tp), tp)
@@ -80,7 +80,7 @@ def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, g
         nodes_spanned = max(1, (dp * tp) // devices_per_node)
         replicas = [1] + ([nodes_spanned] if nodes_spanned > 1 and dp % nodes_spanned == 0 else [])
         for m in _divisors(global_batch_size // dp):
-            if m > max_microbatches or (pp > 1 and m < pp):
+            if (max_microbatches is not None and m > max_microbatches) or (pp > 1 and m < pp):
                 continue
             schedules = [("none", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1)] + [
                 ("interleaved_1f1b", v) for v in range(2, MAX_VIRTUAL_STAGES + 1)

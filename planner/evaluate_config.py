@@ -236,7 +236,9 @@ class ConfigPricer:
     def screen(self, config: ParallelConfig) -> ConfigResult:
         """Optimistic step time (LP relaxation) and the pipeline cut that achieves it."""
         tables = [self.priced_options(i, config) for i in range(len(self.layers))]
-        stage_budget = self.cluster.usable_memory_bytes / config.virtual_stages
+        # each stage may fill its rank's whole memory: the rank's stages together must fit, which only the exact
+        # solve checks; any tighter per-stage share would make the screen stricter than the solve it bounds
+        stage_budget = self.cluster.usable_memory_bytes
         hull_cache: dict[tuple[str, float], GroupHull] = {}
         kinds = self.kinds
 

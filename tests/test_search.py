@@ -103,3 +103,31 @@ def test_model_state_offload_is_a_zero3_option_without_a_pipeline():
     assert not any(c.offload for c in enumerate_configs(4, 8, 8, 8))
     setup = offloaded[0].data_parallel_setup()
     assert setup.offload and rank_state_bytes(1_000_000, setup).total_bytes == 0
+
+
+@pytest.mark.parametrize("memory_share", [1.0, 0.7, 0.5])
+def test_search_equals_exhaustive_screen_and_solve(memory_share):
+    # branch and bound may skip a configuration only when it cannot win: the search's best must equal the best
+    # exact solve over every configuration's screened cuts, also when memory binds (interleaved stages included)
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+    from planner.search import search_plans
+
+    spec = load_model_spec(GPT, device="meta")
+    graph = build_model_graph(spec)
+    roomy = load_cluster("cpu").for_world_size(4)
+    peak = search_plans(spec.model, graph, roomy, 4, spec.global_batch_size).best.peak_memory_bytes
+    cluster = type(roomy).from_dict({**roomy.to_dict(), "device_memory_gib": peak * memory_share / 2**30
+                                     / roomy.usable_memory_fraction})
+    pricer = ConfigPricer(spec.model, graph, cluster)
+    exhaustive = min((pricer.solve(s).step_time_s
+                      for s in (pricer.screen(c) for c in enumerate_configs(
+                          4, cluster.devices_per_node, len(graph.layers), spec.global_batch_size,
+                          host_offload=cluster.host_link is not None))
+                      if s.feasible), default=float("inf"))
+    if exhaustive == float("inf"):
+        with pytest.raises(InfeasiblePlanError):
+            search_plans(spec.model, graph, cluster, 4, spec.global_batch_size)
+        return
+    found = search_plans(spec.model, graph, cluster, 4, spec.global_batch_size).best
+    assert found.step_time_s == pytest.approx(exhaustive, rel=1e-9)
