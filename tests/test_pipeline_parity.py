@@ -110,7 +110,9 @@ CONFIGS = {
         "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
     4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
-        "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
+        "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2_ddp_1f1b": (2, 2, 1, "1f1b", 4, TWO_STAGES, "float64"),
+        "pp2xdp2_zero1_interleaved": (2, 2, 1, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
     8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
         "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64")},
 }
@@ -132,7 +134,17 @@ def with_tensor_2d(plan_obj: Plan) -> Plan:
     return force_tensor_2d(plan_obj, 2)
 
 
-EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d}
+def with_kind(kind: str):
+    """The plan with data_parallel.kind `kind` (ddp / zero1 stages: DDP wrappers, runtime/pipeline.py)."""
+    def edit(plan_obj: Plan) -> Plan:
+        plan_obj.data_parallel = DataParallelPlan(kind=kind)
+        plan_obj.validate("test")
+        return plan_obj
+    return edit
+
+
+EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d,
+         "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1")}
 
 
 @pytest.fixture(scope="module")
