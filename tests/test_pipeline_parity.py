@@ -114,7 +114,8 @@ CONFIGS = {
         "pp2xdp2_ddp_1f1b": (2, 2, 1, "1f1b", 4, TWO_STAGES, "float64"),
         "pp2xdp2_zero1_interleaved": (2, 2, 1, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
     8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
-        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64")},
+        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2xtp2_zero1": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
 }
 
 
@@ -144,7 +145,8 @@ def with_kind(kind: str):
 
 
 EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d,
-         "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1")}
+         "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1"),
+         "pp2xdp2xtp2_zero1": with_kind("zero1")}
 
 
 @pytest.fixture(scope="module")
