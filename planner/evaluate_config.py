@@ -185,10 +185,12 @@ class ConfigPricer:
                                                 config.pp > 1):
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
-            # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3)
+            # gathers hide under the layer's forward and backward, reductions under its backward (about 2/3) of
+            # the micro-batches they run beside (ddp / zero1: the last one only)
             window_s = micro.compute_s * config.num_microbatches
+            reduce_window_s = micro.compute_s * setup.reduction_window_microbatches * 2 / 3
             communication_s = (exposed_time_s(gather_s, window_s, overlap.fsdp_all_gather)
-                               + exposed_time_s(reduce_s, window_s * 2 / 3, overlap.gradient_reduction))
+                               + exposed_time_s(reduce_s, reduce_window_s, overlap.gradient_reduction))
             owned = micro.local_num_params if config.dp_kind == "ddp" else -(-micro.local_num_params //
                                                                            setup.shard_degree)
             mixed = config.param_dtype != "float32"
