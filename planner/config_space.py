@@ -92,8 +92,6 @@ def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, g
                             continue  # nothing to shard over: one flavour is enough
                         if replicate > 1 and kind == "ddp":
                             continue
-                        if pp > 1 and dp > 1 and kind in ("ddp", "zero1"):
-                            continue  # pipeline stages are data-parallel through FSDP2 only (runtime/pipeline.py)
                         offloads = [False, True] if host_offload and kind == "zero3" and pp == 1 else [False]
                         configs.extend(ParallelConfig(pp, dp, tp, m, schedule, v, kind, replicate, param_dtype,
                                                       global_batch_size, offload) for offload in offloads)

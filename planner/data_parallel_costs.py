@@ -1,8 +1,12 @@
 """Model-state memory and data-parallel communication of one device under ddp / ZeRO-1/2/3 and HSDP.
 
 These follow what the runtime does (runtime/data_parallel.py), not the ideal ZeRO paper:
-- ddp: everything replicated; gradients all-reduced once per step.
-- zero1: optimizer states sharded; gradients all-reduced, updated parameters all-gathered.
+- ddp: everything replicated; gradients all-reduced once per step, by DDP's buckets during the backward of the
+  last micro-batch only (pp = 1: gradient sync on the last micro-batch; under a pipeline,
+  torch.distributed.pipelining runs every other forward and backward under `no_sync()`), so the reduction can
+  hide under one micro-batch's backward, not m of them.
+- zero1: optimizer states sharded (over dp / replicate ranks); gradients all-reduced as ddp, updated parameters
+  all-gathered. Under a pipeline both are per stage over the stage's dp group, with the same volume and memory.
 - zero2: FSDP2 `fully_shard(reshard_after_forward=False)`: parameters gathered once per micro-batch and kept
   until backward ends, gradients reduce-scattered, optimizer states sharded. Peak parameter memory is the
   full (tensor-parallel-local) size.

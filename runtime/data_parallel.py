@@ -124,15 +124,17 @@ def check_data_parallel_supported(plan: Plan) -> list[str]:
     return missing
 
 
-def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: torch.device,
+                        ddp_class: type | None = None) -> nn.Module:
     """Wrap `model` (already tensor-parallel and checkpointed) for data parallelism; returns the model to train.
 
-    ddp and zero1 return a `DistributedDataParallel` wrapper (parameter names gain a `module.` prefix);
-    zero2 and zero3 shard in place and return `model`.
+    ddp and zero1 return a `DistributedDataParallel` wrapper (parameter names gain a `module.` prefix), of
+    `ddp_class` when given (a DDP subclass: pipeline stages, runtime/pipeline.py); zero2 and zero3 shard in
+    place and return `model`.
     """
     kind = plan.data_parallel.kind
     if kind in DDP_KINDS:
-        return _apply_ddp(model, plan, mesh)
+        return _apply_ddp(model, plan, mesh, ddp_class)
     dp_mesh = data_parallel_mesh(plan, mesh)
     mp_policy = mixed_precision_policy(plan)
     reshard = False if kind == "zero2" else plan.data_parallel.reshard_after_forward
@@ -147,10 +149,11 @@ def apply_data_parallel(model: nn.Module, plan: Plan, mesh: DeviceMesh, device: 
     return model
 
 
-def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh) -> nn.Module:
+def _apply_ddp(model: nn.Module, plan: Plan, mesh: DeviceMesh, ddp_class: type | None = None) -> nn.Module:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
+    DistributedDataParallel = ddp_class or DistributedDataParallel  # noqa: N806
     tensor_parallel = plan.uses_tensor_parallel
     # gradients live in DDP's all-reduce buckets instead of beside them: one gradient copy, as the cost model says
     if tensor_parallel:

@@ -5,8 +5,24 @@ split_spec={path: SplitPoint.BEGINNING})` exports the whole forward with torch.e
 works, e.g. GPT's `x = wte(idx) + wpe(arange)`: root-level ops land on the stage where they run) and splits
 it before the first layer of every stage. Each stage module keeps the module hierarchy and parameter FQNs
 (`blocks.2.attn.q.weight`), so the plan's layer paths apply to it unchanged: tensor parallel over `tp`
-(DTensor), then FSDP2 over `dp`, then `Pipe.build_stage` wraps it for the schedule. Values a stage takes from a
+(DTensor), then data parallel over `dp` (runtime/data_parallel.py), then `Pipe.build_stage` wraps it for the
+schedule. Values a stage takes from a
 stage further back (Llama's rotary tables) are relayed through the stages between (runtime/stage_relay.py).
+
+Data parallelism per stage (each stage's dp group is the dp ranks of its pipeline rank):
+- zero2 / zero3 (HSDP too): FSDP2 `fully_shard` shards the stage module in place; the schedule's FSDP hooks
+  (`set_requires_gradient_sync(False)` per micro-batch, `perform_reduce_grad` after the last) reduce-scatter once.
+- ddp / zero1: the stage module is wrapped in the same `DistributedDataParallel` the pp = 1 path builds
+  (`_apply_ddp`), and the wrapper becomes the stage's `submod`. torch.distributed.pipelining knows DDP stages:
+  it runs every forward and every backward but the last under `no_sync()`, and before the last backward calls
+  `reducer.prepare_for_backward`, so DDP's bucketed all-reduce runs once per step, during the last micro-batch's
+  backward (accumulated gradients, no reduction per micro-batch). The stage reads its graph from `submod.graph`,
+  which a DDP wrapper lacks: `_StageDDP` forwards it. DDP's tensor-parallel path hides the DTensor parameters
+  from `parameters()` after the first forward, so the schedule's own gradient scaling (which walks
+  `submod.parameters()`) would miss them: for DDP kinds the schedule runs with `scale_grads=False` and
+  `pipeline_train_step` divides the gradients of the parameters recorded at build time by num_microbatches.
+  zero1's ZeroRedundancyOptimizer is built by `build_optimizer` over the stage parameters, sharded over the
+  stage's dp group (the dp_shard group with HSDP), as for pp = 1.
 
 Vocabulary: stage = one contiguous run of the layer chain (0 .. pp x virtual_stages - 1); stage s runs on
 pipeline rank s % pp (the looped layout `ScheduleInterleaved1F1B` expects; with one stage per rank, s = rank).
@@ -38,11 +54,13 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.pipelining.stage import _PipelineStageBase
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map_only
 
 from planner.model_spec import ModelSpec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.data_parallel import apply_data_parallel
+from runtime.data_parallel import DDP_KINDS, apply_data_parallel, autocast_context
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.stage_relay import produced_value, relay_skipping_values
@@ -58,18 +76,38 @@ class PipelineParts:
     stage_ids: list[int]
     """Stages that run on this rank, in order."""
     modules: list[nn.Module]
-    """Their (sharded) stage modules; parameters keep the original model's FQNs."""
+    """Their (sharded) stage modules, unwrapped (not the DDP wrapper); parameters keep the original FQNs."""
     schedule: _PipelineSchedule
     has_first: bool
     """This rank runs stage 0 and feeds the model inputs."""
     has_last: bool
     """This rank runs the last stage, where the loss is computed."""
+    stage_parameters: list[list[tuple[str, nn.Parameter]]] = dataclasses.field(default_factory=list)
+    """Per stage, (FQN, parameter) as the stage trains them, recorded before the first forward: under DDP's
+    tensor-parallel path the local shards tagged `_st_info`, which `named_parameters()` stops listing."""
+    grad_divisor: int = 1
+    """What `pipeline_train_step` divides the gradients by after the schedule (num_microbatches when the
+    schedule does not scale them itself: DDP kinds)."""
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for module in self.modules for p in module.parameters()]
+        return [p for _, p in self.named_parameters()]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [item for module in self.modules for item in module.named_parameters()]
+        return [item for named in self.stage_parameters for item in named]
+
+    def indexed_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(FQN, parameter) with the stage's index in `modules` in front (`0.blocks.2.w`), as an
+        `nn.ModuleList(modules)` names them."""
+        return [(f"{index}.{name}", p) for index, named in enumerate(self.stage_parameters) for name, p in named]
+
+
+class _StageDDP(DistributedDataParallel):
+    """DDP over a pipeline stage's GraphModule; the pipeline stage reads the module's graph as `submod.graph`
+    (its placeholders and output), which plain DDP does not have."""
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.module.graph
 
 
 def stage_ids_on_rank(plan: Plan, pp_rank: int) -> list[int]:
@@ -93,9 +131,6 @@ def check_pipeline_supported(plan: Plan) -> None:
     """Refuse, before any rank builds anything, pipeline plans this runtime cannot run."""
     if plan.mesh.pp == 1:
         return
-    if plan.data_parallel.kind in ("ddp", "zero1") and plan.mesh.dp > 1:
-        raise PlanError(f"data_parallel.kind {plan.data_parallel.kind!r} with pp={plan.mesh.pp}: pipeline stages "
-                        "are sharded over dp with FSDP2 only; set data_parallel.kind to 'zero2' or 'zero3'")
     split_spec_for(plan)
 
 
@@ -214,7 +249,8 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
     spec.model = nn.Module()  # the stage modules own the parameters from now on
     stage_ids = stage_ids_on_rank(plan, mesh["pp"].get_local_rank())
     _release_other_stages(pipe, stage_ids)
-    stages, modules = [], []
+    stages, modules, stage_parameters = [], [], []
+    ddp = plan.data_parallel.kind in DDP_KINDS
     for stage_id in stage_ids:
         module = pipe.get_stage_module(stage_id)
         stage_plan = dataclasses.replace(plan, layers=[layer for layer in plan.layers if layer.stage == stage_id])
@@ -222,27 +258,45 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
         apply_tensor_parallel_2d(module, stage_plan, mesh["tp"])
         apply_activation_checkpointing(module, stage_plan)
         apply_activation_offload(module, stage_plan, device)
-        if plan.data_parallel.kind not in ("ddp", "zero1"):  # those only reach here with dp = 1: nothing to do
-            apply_data_parallel(module, stage_plan, mesh, device)  # zero2 / zero3 (HSDP too): shards in place
-        stages.append(pipe.build_stage(stage_id, device, group=mesh["pp"].get_group()))
+        if ddp and plan.precision.param_dtype != "float32":
+            module.register_forward_hook(_outputs_to_float32)
+        # zero2 / zero3 (HSDP too) shard `module` in place; ddp / zero1 return a DDP wrapper over it
+        wrapped = apply_data_parallel(module, stage_plan, mesh, device, ddp_class=_StageDDP)
+        stage = pipe.build_stage(stage_id, device, group=mesh["pp"].get_group())
+        if ddp:
+            stage.submod = wrapped  # the schedule runs DDP stages under no_sync() but the last backward
+            stage_parameters.append(wrapped.meshplan_parameters)
+        else:
+            stage_parameters.append(list(module.named_parameters()))
+        stages.append(stage)
         modules.append(module)
     schedule = build_schedule(plan, spec, stages)
     return PipelineParts(stage_ids=stage_ids, modules=modules, schedule=schedule,
-                         has_first=stage_ids[0] == 0, has_last=stage_ids[-1] == plan.num_stages - 1)
+                         has_first=stage_ids[0] == 0, has_last=stage_ids[-1] == plan.num_stages - 1,
+                         stage_parameters=stage_parameters,
+                         grad_divisor=plan.pipeline.num_microbatches if ddp else 1)
+
+
+def _outputs_to_float32(module: nn.Module, args, output):
+    """ddp / zero1 compute in param_dtype under `torch.autocast`; a stage's outputs travel to the next stage into
+    receive buffers traced in float32 (FSDP2 kinds get the same from `MixedPrecisionPolicy.output_dtype`)."""
+    return tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, output)
 
 
 def build_schedule(plan: Plan, spec: ModelSpec, stages: list[_PipelineStageBase]) -> _PipelineSchedule:
     """The plan's schedule; loss_fn runs per micro-batch on the last stage.
 
-    `spec.loss_fn` is a mean over its micro-batch and the schedule divides the summed gradients by
-    num_microbatches (`scale_grads=True`), so gradients are the mean over this dp rank's batch, and FSDP's
-    average over dp makes them the global-batch mean, as in one process.
+    `spec.loss_fn` is a mean over its micro-batch and the summed gradients are divided by num_microbatches
+    (by the schedule, `scale_grads=True`, for FSDP2 kinds; by `pipeline_train_step` for DDP kinds, see the
+    module docstring), so gradients are the mean over this dp rank's batch, and FSDP's or DDP's average over dp
+    makes them the global-batch mean, as in one process.
     """
     schedule_class = SCHEDULE_CLASSES[plan.pipeline.schedule]
     n = plan.pipeline.num_microbatches
+    scale = plan.data_parallel.kind not in DDP_KINDS
     if schedule_class is ScheduleInterleaved1F1B:
-        return schedule_class(stages, n_microbatches=n, loss_fn=spec.loss_fn, scale_grads=True)
-    return schedule_class(stages[0], n_microbatches=n, loss_fn=spec.loss_fn, scale_grads=True)
+        return schedule_class(stages, n_microbatches=n, loss_fn=spec.loss_fn, scale_grads=scale)
+    return schedule_class(stages[0], n_microbatches=n, loss_fn=spec.loss_fn, scale_grads=scale)
 
 
 def pipeline_train_step(parts: PipelineParts, plan: Plan, inputs, targets, mesh: DeviceMesh) -> torch.Tensor:
@@ -253,9 +307,13 @@ def pipeline_train_step(parts: PipelineParts, plan: Plan, inputs, targets, mesh:
     """
     losses: list[torch.Tensor] = []
     args = tuple(inputs) if parts.has_first else ()
-    with forward_context(plan):
+    with forward_context(plan), autocast_context(plan, targets.device):
         parts.schedule.step(*args, target=targets if parts.has_last else None, losses=losses,
                             return_outputs=False)
+    if parts.grad_divisor != 1:
+        for p in parts.parameters():
+            if p.grad is not None:
+                p.grad.div_(parts.grad_divisor)
     if parts.has_last:
         loss = torch.stack([loss.detach() for loss in losses]).mean().to(torch.float64)
     else:

@@ -173,6 +173,15 @@ def train_step(model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimiz
     return loss
 
 
+def pipeline_model(parts: PipelineParts) -> nn.Module:
+    """This rank's stage modules as one module to optimise and checkpoint (parameters `<index>.<FQN>`); it
+    carries the parameters the stages train (`meshplan_parameters`, recorded before the first forward) for
+    ddp / zero1 checkpoints (runtime/ddp_state.py), as a pp = 1 DDP wrapper does."""
+    model = nn.ModuleList(parts.modules)
+    model.meshplan_parameters = parts.indexed_named_parameters()
+    return model
+
+
 def pipelined_train_step(parts: PipelineParts, plan: Plan, optimizer: torch.optim.Optimizer, inputs, targets,
                          mesh: DeviceMesh) -> torch.Tensor:
     """One pipeline-schedule step over all micro-batches, then AdamW; returns this dp rank's batch loss."""
@@ -202,7 +211,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     parts = None
     if plan.mesh.pp > 1:  # pipeline: this rank keeps and runs only its stages (runtime/pipeline.py)
         parts = build_pipeline(plan, spec, mesh, device)
-        model = nn.ModuleList(parts.modules)
+        model = pipeline_model(parts)
     else:
         model = build_parallel_model(plan, spec, mesh, init)
     optimizer = build_optimizer(model, plan, mesh, spec.learning_rate)

@@ -1,7 +1,7 @@
 """Run under torchrun (4 ranks): checkpoint scenarios through the runtime's own `run_rank`, losses as JSON.
 
     torchrun --nproc-per-node=4 tests/checkpoint_worker.py out.json WORK_DIR DTYPE zero3.yaml tp.yaml ddp.yaml pp.yaml \
-        zero1.yaml ddp_tp.yaml tp2d.yaml ddp_tp2d.yaml
+        zero1.yaml ddp_tp.yaml tp2d.yaml ddp_tp2d.yaml pp_ddp.yaml pp_zero1.yaml
 
 zero3.yaml is dp4 zero3; the others are the plans a dp4 zero3 checkpoint is resumed into. Scenarios, in order
 (WORK_DIR/<name> is each one's checkpoint directory; rank 0 prepares copies between runs):
@@ -13,6 +13,7 @@ zero3.yaml is dp4 zero3; the others are the plans a dp4 zero3 checkpoint is resu
 - zero1 / ddp_tp (runtime/ddp_state.py), tp2d / ddp_tp2d (tensor2d on a 2 x 2 grid, zero3 and ddp): saved's
   checkpoints resumed into them, to step 6; their own final checkpoints resumed into zero3 (from_<name>), to
   step 7.
+- pp_ddp / pp_zero1 (pp2 x dp2 with DDP stages; zero1's ZeroRedundancyOptimizer partitions per stage): the same.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def listing(directory: Path) -> list[str]:
 def main() -> None:
     out_path, work = sys.argv[1], Path(sys.argv[2])
     torch.set_default_dtype(getattr(torch, sys.argv[3]))
-    zero3, tp, ddp, pp, zero1, ddp_tp, tp2d, ddp_tp2d = sys.argv[4:12]
+    zero3, tp, ddp, pp, zero1, ddp_tp, tp2d, ddp_tp2d, pp_ddp, pp_zero1 = sys.argv[4:14]
     dist.init_process_group("gloo")
     results: dict = {"full": train(zero3, 7)}
     saved = work / "saved"
@@ -71,11 +72,11 @@ def main() -> None:
     results["crashed"] = train(zero3, 5, CheckpointOptions(crashed, resume=True))
     results["crashed_listing"] = listing(crashed)
     for name, plan_path in (("tp", tp), ("ddp", ddp), ("pp", pp), ("zero1", zero1), ("ddp_tp", ddp_tp),
-                            ("tp2d", tp2d), ("ddp_tp2d", ddp_tp2d)):
+                            ("tp2d", tp2d), ("ddp_tp2d", ddp_tp2d), ("pp_ddp", pp_ddp), ("pp_zero1", pp_zero1)):
         on_rank0(lambda name=name: shutil.copytree(saved, work / name))
         results[name] = train(plan_path, 6, CheckpointOptions(work / name, resume=True))
     results["pp_checkpoint"] = read_checkpoint_meta(latest_checkpoint(work / "pp"))
-    for name in ("pp", "zero1", "ddp_tp", "tp2d", "ddp_tp2d"):
+    for name in ("pp", "zero1", "ddp_tp", "tp2d", "ddp_tp2d", "pp_ddp", "pp_zero1"):
         results[f"from_{name}"] = train(zero3, 7, CheckpointOptions(work / name, resume=True))
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))

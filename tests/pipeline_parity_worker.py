@@ -24,8 +24,9 @@ from parity_worker import full, load_plan_and_reference, reference_forward_backw
 from torch.distributed.tensor import DTensor
 
 from planner.plan import Plan
+from runtime.data_parallel import build_optimizer
 from runtime.pipeline import build_pipeline, pipeline_train_step
-from runtime.train import local_batch
+from runtime.train import local_batch, pipeline_model
 
 
 def layer_of(plan: Plan, name: str) -> str:
@@ -52,9 +53,16 @@ def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
 
 
 def is_tp_sharded(p: torch.Tensor) -> bool:
-    """Sharded over the mesh's `tp` axis, or over an axis of a tensor2d grid (runtime/tensor_parallel_2d.py)."""
-    names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
-    return any(placement.is_shard() for name, placement in zip(names, p.placements, strict=True)
+    """Sharded over the mesh's `tp` axis, or over an axis of a tensor2d grid (runtime/tensor_parallel_2d.py);
+    a local shard under DDP (ddp / zero1 stages) is read through its `_st_info`."""
+    spec = getattr(p, "_st_info", None)
+    if isinstance(p, DTensor):
+        names, placements = p.device_mesh.mesh_dim_names or (), p.placements
+    elif spec is not None:
+        names, placements = spec.mesh.mesh_dim_names or (), spec.placements
+    else:
+        return False
+    return any(placement.is_shard() for name, placement in zip(names, placements, strict=True)
                if name == "tp" or name.startswith(("tp_rows", "tp_cols")))
 
 
@@ -70,7 +78,7 @@ def compare_plan(plan_path: str, steps: int) -> dict:
     names = {name for name, _ in parts.named_parameters()}
     tp_sharded = {n for n, p in parts.named_parameters() if is_tp_sharded(p)}
     tp_mismatch = sorted(tp_sharded_names(plan, names) ^ tp_sharded)
-    opt = torch.optim.AdamW(parts.parameters(), lr=spec.learning_rate)
+    opt = build_optimizer(pipeline_model(parts), plan, mesh, spec.learning_rate)  # ZeroRedundancyOptimizer: zero1
     ref_opt = torch.optim.AdamW(reference.model.parameters(), lr=spec.learning_rate)
     ref_params = dict(reference.model.named_parameters())
     dp_rank = mesh["dp"].get_local_rank()
@@ -86,7 +94,7 @@ def compare_plan(plan_path: str, steps: int) -> dict:
         losses.append((loss, ref_loss.item()))
         worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
         for name, p in parts.named_parameters():
-            diff = rel_diff(full(p.grad), ref_params[name].grad)
+            diff = rel_diff(full(p.grad, getattr(p, "_st_info", None)), ref_params[name].grad)
             if diff > worst["grad"]:
                 worst["grad"], where["grad"] = diff, f"{name} at step {step}"
         opt.step()
@@ -94,7 +102,7 @@ def compare_plan(plan_path: str, steps: int) -> dict:
         ref_opt.step()
         ref_opt.zero_grad()
     for name, p in parts.named_parameters():
-        diff = rel_diff(full(p.detach()), ref_params[name].detach())
+        diff = rel_diff(full(p.detach(), getattr(p, "_st_info", None)), ref_params[name].detach())
         if diff > worst["param"]:
             worst["param"], where["param"] = diff, name
     ref_buffers = dict(reference.model.named_buffers())

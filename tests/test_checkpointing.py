@@ -2,8 +2,9 @@
 
 One torchrun launch of 4 ranks (tests/checkpoint_worker.py) runs every scenario in float64 through the runtime's
 own `run_rank`: a dp4 zero3 run saved every step, resumed into dp4 zero3 past a half-written checkpoint, and
-into dp2 x tp2 zero3, ddp dp4, pp2 x dp2 (1f1b), zero1 dp4, ddp dp2 x tp2 and tp4-as-2x2 (tensor2d) zero3 and
-ddp plans; the pipeline's, zero1's, ddp + tp's and the tensor2d plans' own checkpoints back into dp4 zero3.
+into dp2 x tp2 zero3, ddp dp4, pp2 x dp2 (1f1b; zero3, ddp and zero1 stages), zero1 dp4, ddp dp2 x tp2 and
+tp4-as-2x2 (tensor2d) zero3 and ddp plans; the pipelines', zero1's, ddp + tp's and the tensor2d plans' own
+checkpoints back into dp4 zero3.
 Resumed losses must equal the uninterrupted run's within 1e-9 relative: resharding is exact and only summation
 order differs between meshes, so anything larger means state was lost (a missing AdamW moment or step count
 shows up as ~1e-3).
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_parity import force_tensor_2d
 from test_parity_dp_memory import make_plan
-from test_pipeline_parity import GPT, TWO_STAGES, pipeline_plan
+from test_pipeline_parity import GPT, TWO_STAGES, pipeline_plan, with_kind
 
 from meshplan import execute
 from planner.api import plan
@@ -42,7 +43,9 @@ def scenarios(tmp_path_factory):
     plans = {"zero3": make_plan((1, 4, 1)), "tp": make_plan((1, 2, 2)), "ddp": make_plan((1, 4, 1), kind="ddp"),
              "pp": pipeline_plan(GPT, 2, 2, 1, "1f1b", 2, TWO_STAGES), "zero1": make_plan((1, 4, 1), kind="zero1"),
              "ddp_tp": make_plan((1, 2, 2), kind="ddp"), "tp2d": force_tensor_2d(make_plan((1, 1, 4)), 2),
-             "ddp_tp2d": force_tensor_2d(make_plan((1, 1, 4), kind="ddp"), 2)}
+             "ddp_tp2d": force_tensor_2d(make_plan((1, 1, 4), kind="ddp"), 2),
+             "pp_ddp": with_kind("ddp")(pipeline_plan(GPT, 2, 2, 1, "1f1b", 2, TWO_STAGES)),
+             "pp_zero1": with_kind("zero1")(pipeline_plan(GPT, 2, 2, 1, "1f1b", 2, TWO_STAGES))}
     files = []
     for name, plan_obj in plans.items():
         files.append(tmp / f"{name}.yaml")
@@ -76,9 +79,9 @@ def test_resume_after_a_crash_mid_write_uses_the_previous_checkpoint(scenarios):
     assert results["crashed_listing"] == ["latest", "step-000003", "step-000005"]  # the save removed the .tmp
 
 
-@pytest.mark.parametrize("target", ["tp", "ddp", "pp", "zero1", "ddp_tp", "tp2d", "ddp_tp2d"],
+@pytest.mark.parametrize("target", ["tp", "ddp", "pp", "zero1", "ddp_tp", "tp2d", "ddp_tp2d", "pp_ddp", "pp_zero1"],
                          ids=["dp2xtp2_zero3", "dp4_ddp", "pp2xdp2_zero3", "dp4_zero1", "dp2xtp2_ddp",
-                              "tp2x2_zero3", "tp2x2_ddp"])
+                              "tp2x2_zero3", "tp2x2_ddp", "pp2xdp2_ddp", "pp2xdp2_zero1"])
 def test_resume_into_another_mesh_continues_the_same_run(scenarios, target):
     """A dp4 zero3 checkpoint of step 4 resumed under another mesh: DCP reshards; losses of steps 4-5 match."""
     results, _, _ = scenarios
@@ -92,11 +95,12 @@ def test_pipeline_checkpoint_resumes_without_pipeline(scenarios):
     assert_losses_equal(results["from_pp"], results["full"][6:7])
 
 
-@pytest.mark.parametrize("source", ["zero1", "ddp_tp", "tp2d", "ddp_tp2d"])
+@pytest.mark.parametrize("source", ["zero1", "ddp_tp", "tp2d", "ddp_tp2d", "pp_ddp", "pp_zero1"])
 def test_zero1_and_ddp_tp_checkpoints_resume_into_zero3(scenarios, source):
     """zero1 (each rank saves its ZeroRedundancyOptimizer partition) and ddp + tp (tensor-parallel shards saved as
     DTensors) write get_state_dict's layout: their step-6 checkpoints continue the run under dp4 zero3; so do
-    tensor2d plans' (shards of a 2 x 2 grid) under zero3 and ddp."""
+    tensor2d plans' (shards of a 2 x 2 grid) under zero3 and ddp, and pp2 x dp2 pipelines with ddp and zero1
+    stages (each stage's dp group saves its ZeroRedundancyOptimizer partitions)."""
     results, _, _ = scenarios
     assert_losses_equal(results[f"from_{source}"], results["full"][6:7])
 

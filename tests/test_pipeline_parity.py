@@ -83,7 +83,8 @@ def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> di
     return {name.rsplit("-", 1)[0]: result for name, result in json.loads(out.read_text()).items()}
 
 
-def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int, tensor_2d: bool = False) -> None:
+def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int, tensor_2d: bool = False,
+          tolerance: dict | None = None) -> None:
     assert not result["missing"], f"no rank holds {result['missing']}"
     # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
     assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
@@ -92,8 +93,8 @@ def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int, 
     assert result["tp_sharded"] == (0 if tp == 1 else 36 if tensor_2d else 28), result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
     assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
-    for quantity, tolerance in TOLERANCE[dtype].items():
-        assert result["worst"][quantity] < tolerance, (quantity, result)
+    for quantity, bound in (tolerance or TOLERANCE[dtype]).items():
+        assert result["worst"][quantity] < bound, (quantity, result)
 
 
 # name: (pp, dp, tp, schedule, num_microbatches, first layers of stages 1.., dtype[, model]); one launch per
@@ -110,9 +111,13 @@ CONFIGS = {
         "pp2_1f1b_fp32": (2, 1, 1, "1f1b", 2, TWO_STAGES, "float32")},
     4: {"pp2xtp2_1f1b": (2, 1, 2, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_1f1b": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
-        "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64")},
+        "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2_ddp_1f1b": (2, 2, 1, "1f1b", 4, TWO_STAGES, "float64"),
+        "pp2xdp2_zero1_interleaved": (2, 2, 1, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
+        "pp2xdp2_ddp_bf16": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float32")},
     8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
-        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64")},
+        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64"),
+        "pp2xdp2xtp2_zero1": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
 }
 
 
@@ -132,7 +137,32 @@ def with_tensor_2d(plan_obj: Plan) -> Plan:
     return force_tensor_2d(plan_obj, 2)
 
 
-EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d}
+TOLERANCE_OF = {"pp2xdp2_ddp_bf16": {"loss": 1e-4, "param": 5e-2}}
+"""bf16 autocast against a reference with the same autocast semantics (tests/parity_worker.py): the loss agreed
+to 7e-6 when written (3 steps), but a weight gradient summed from bf16 matmul outputs per micro-batch differs
+from one matmul over the dp slice by bf16 rounding, O(0.1) on tensors whose gradient nearly cancels (attention
+keys), so gradients are left to the float64 runs."""
+
+
+def with_bf16_autocast(plan_obj: Plan) -> Plan:
+    """ddp stages computing in bfloat16 under torch.autocast (fp32 weights), outputs sent on in float32."""
+    plan_obj = with_kind("ddp")(plan_obj)
+    plan_obj.precision = PrecisionPlan(param_dtype="bfloat16")
+    return plan_obj
+
+
+def with_kind(kind: str):
+    """The plan with data_parallel.kind `kind` (ddp / zero1 stages: DDP wrappers, runtime/pipeline.py)."""
+    def edit(plan_obj: Plan) -> Plan:
+        plan_obj.data_parallel = DataParallelPlan(kind=kind)
+        plan_obj.validate("test")
+        return plan_obj
+    return edit
+
+
+EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d,
+         "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1"),
+         "pp2xdp2xtp2_zero1": with_kind("zero1"), "pp2xdp2_ddp_bf16": with_bf16_autocast}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +185,8 @@ def results(tmp_path_factory):
 def test_pipeline_matches_single_process(world_size, name, results):
     config = CONFIGS[world_size][name]
     check(results(world_size)[name], dtype=config[6], pp=config[0], dp=config[1], tp=config[2],
-          num_stages=len(config[5]) + 1, tensor_2d=EDITS.get(name) is with_tensor_2d)
+          num_stages=len(config[5]) + 1, tensor_2d=EDITS.get(name) is with_tensor_2d,
+          tolerance=TOLERANCE_OF.get(name))
 
 
 def single_process_losses(pipe_plan: Plan, steps: int) -> list[float]:

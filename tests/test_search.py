@@ -70,6 +70,30 @@ def test_zero_state_memory_matches_the_paper_table():
     assert rank_state_bytes(7_500_000_000, accumulating).gradients_bytes == 15 * GB
 
 
+def test_pipelines_offer_ddp_and_zero1_reduced_once_per_step():
+    """pp x dp with ddp / zero1 (Megatron-LM's layout, runtime/pipeline.py wraps stages in DDP) is in the space
+    and priced as without a pipeline: one all-reduce per step whatever the micro-batch count, ddp's full states,
+    zero1's optimizer states / dp, no parameter gathers; the reduction overlaps the last micro-batch only."""
+    from planner.data_parallel_costs import data_parallel_time_s, parameter_gathers_per_step
+
+    kinds = {c.dp_kind for c in enumerate_configs(8, 8, 8, 16, mesh=(2, 2, 2))}
+    assert kinds == {"ddp", "zero1", "zero2", "zero3"}
+    cluster = load_cluster("cpu")
+    params = 1_000_000
+    for kind in ("ddp", "zero1"):
+        flat = DataParallelSetup(kind=kind, dp=4, tp=1)
+        for m in (1, 4, 8):
+            piped = DataParallelSetup(kind=kind, dp=4, tp=1, num_microbatches=m, pipelined=True)
+            assert rank_state_bytes(params, piped) == rank_state_bytes(params, flat)
+            assert data_parallel_time_s(params, piped, cluster) == data_parallel_time_s(params, flat, cluster)
+            assert parameter_gathers_per_step(piped) == 0 and piped.reduction_window_microbatches == 1
+    ddp = rank_state_bytes(params, DataParallelSetup(kind="ddp", dp=4, tp=1, pipelined=True))
+    zero1 = rank_state_bytes(params, DataParallelSetup(kind="zero1", dp=4, tp=1, pipelined=True))
+    assert zero1.parameters_bytes == ddp.parameters_bytes and zero1.gradients_bytes == ddp.gradients_bytes
+    assert zero1.optimizer_states_bytes == ddp.optimizer_states_bytes / 4
+    assert DataParallelSetup(kind="zero2", dp=4, tp=1, num_microbatches=8).reduction_window_microbatches == 8
+
+
 def test_even_stage_starts():
     assert even_stage_starts(10, 4) == [0, 3, 6, 8]
     assert even_stage_starts(4, 4) == [0, 1, 2, 3]
