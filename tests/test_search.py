@@ -86,12 +86,19 @@ def test_pipelines_offer_ddp_and_zero1_reduced_once_per_step():
             piped = DataParallelSetup(kind=kind, dp=4, tp=1, num_microbatches=m, pipelined=True)
             assert rank_state_bytes(params, piped) == rank_state_bytes(params, flat)
             assert data_parallel_time_s(params, piped, cluster) == data_parallel_time_s(params, flat, cluster)
-            assert parameter_gathers_per_step(piped) == 0 and piped.reduction_window_microbatches == 1
+            assert parameter_gathers_per_step(piped) == 0
     ddp = rank_state_bytes(params, DataParallelSetup(kind="ddp", dp=4, tp=1, pipelined=True))
     zero1 = rank_state_bytes(params, DataParallelSetup(kind="zero1", dp=4, tp=1, pipelined=True))
     assert zero1.parameters_bytes == ddp.parameters_bytes and zero1.gradients_bytes == ddp.gradients_bytes
     assert zero1.optimizer_states_bytes == ddp.optimizer_states_bytes / 4
-    assert DataParallelSetup(kind="zero2", dp=4, tp=1, num_microbatches=8).reduction_window_microbatches == 8
+    # every kind reduces once, after the last micro-batch: its backward (and recompute) is the reduction's window,
+    # while gathers run beside every micro-batch
+    from planner.evaluate_config import data_parallel_windows_s
+    from planner.layer_options import OptionCost
+
+    micro = OptionCost(compute_s=3.0, recompute_s=0.5, tp_communication_s=0.0, offload_s=0.0, activation_bytes=0,
+                       working_bytes=0, local_num_params=1, backward_compute_s=2.0)
+    assert data_parallel_windows_s(micro, 8) == (8 * 3.5, 2.5)
 
 
 def test_even_stage_starts():
