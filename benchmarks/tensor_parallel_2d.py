@@ -74,7 +74,7 @@ def main() -> None:
                 cells.append(f"{cost.time_s * 1e3:.2f} ({cost.tp_communication_s * 1e3:.2f}) "
                              f"{cost.activation_bytes / 2**20:.0f}")
             start = time.perf_counter()
-            # sequence parallelism runs only without a pipeline: with one, 2-D competes with plain `tensor`
+            # a pipelined plan: 2-D competes with plain `tensor` and with sequence parallelism
             chosen = plan(source, CLUSTER, 2 * TP, mesh=(2, 1, TP), param_dtype=DTYPE)
             elapsed = time.perf_counter() - start
             strategies = Counter(f"{layer.strategy}{layer.tp_rows or ''}{'+sp' if layer.sequence_parallel else ''}"

@@ -138,10 +138,10 @@ class ConfigPricer:
     # ---- per-layer tables -------------------------------------------------------------------------------
     def micro_options(self, index: int, tp: int, micro_batch_size: int, param_dtype: str,
                       pipelined: bool = False) -> list[tuple[LayerOption, OptionCost]]:
-        """Options of a layer and their per-micro-batch costs (sequence and vocabulary parallelism only without a
-        pipeline: the runtime runs them with pp = 1)."""
+        """Options of a layer and their per-micro-batch costs. They are the same with and without a pipeline
+        (sequence and vocabulary parallelism run on traced stages too); `pipelined` is accepted and ignored."""
         layer = self.layers[index]
-        key = (layer.kind, tp, micro_batch_size, param_dtype, pipelined)
+        key = (layer.kind, tp, micro_batch_size, param_dtype)
         if key not in self._micro:
             tp_key = (layer.kind, tp)
             if tp_key not in self._tp_ok:
@@ -149,11 +149,11 @@ class ConfigPricer:
                 self._vocab_ok[tp_key] = supports_vocab_parallel(self.model, layer, tp)
             scale = micro_batch_size / self.graph.sample_batch_size
             # the runtime's sequence parallelism (DTensor styles for nn.Linear) does not run Conv1D units
-            sequence_ok = not pipelined and not self._has_conv1d_units(layer)
+            sequence_ok = not self._has_conv1d_units(layer)
             grids = [rows for rows in grid_rows_options(tp) if self._tp_ok[tp_key]
                      and supports_tensor_parallel_2d(layer, rows, tp // rows, micro_batch_size)]
             options = layer_options(layer, self._tp_ok[tp_key], self.cluster, sequence_parallel_ok=sequence_ok,
-                                    vocab_parallel_ok=self._vocab_ok[tp_key] and not pipelined,
+                                    vocab_parallel_ok=self._vocab_ok[tp_key],
                                     tensor_2d_rows=grids)
             self._micro[key] = [(o, price_layer_option(layer, o, tp, scale, self.cluster, param_dtype))
                                 for o in options]

@@ -8,7 +8,9 @@ Formulas (all scaled by batch_scale = micro-batch / traced sample batch; inside 
 traffic and saved bytes are divided by tp):
 - compute = roofline time of forward + backward FLOPs and memory-bound traffic (costmodel.op_time_s).
 - recompute: `full` repeats the whole forward (and its tensor-parallel all-reduce); `selective` repeats only
-  the non-matmul forward ops (memory-bound), keeping matmul outputs.
+  the non-matmul forward ops (memory-bound), keeping matmul outputs, and the forward collectives its
+  recomputation passes through (planner/tensor_parallel_collectives.py `recomputed_collectives`; under sequence
+  parallelism the unit inputs' all-gathers and all but the last unit's reduce-scatter).
 - tensor-parallel communication: one all-reduce of the row-linear output in forward and one of the unit
   input's gradient in backward (Megatron's g and f; q, k and v share one DTensor input, runtime/unit_input.py),
   over the contiguous tp group (planner/tensor_parallel_collectives.py, which also lists `tensor2d`'s). Under
@@ -18,7 +20,8 @@ traffic and saved bytes are divided by tp):
   exponentials and target logit) and backward all-reduce (the head's input gradient). Offered only with
   checkpoint `none` and no offload (the head's saved logits are what vocabulary sharding already divides).
 - activations kept per in-flight micro-batch: `none` = what autograd saves (traced); `selective` = the layer
-  input + matmul outputs; `full` = the layer input only; offload keeps nothing on the device.
+  input + matmul outputs; `full` = the layer input only (under sequence parallelism the input and the matmul
+  outputs outside units are sequence shards, 1/tp); offload keeps nothing on the device.
 - offload: the saved bytes go to the host after forward and come back for backward, at the profile's
   host<->device bandwidth, not overlapped with compute (an upper bound).
 Blind spots: activations are traced in float32 and scaled by the parameter dtype's size; recompute of a
@@ -46,6 +49,7 @@ from planner.linear_modules import linear_like_features
 from planner.model_graph import LayerFacts
 from planner.tensor_parallel_collectives import (
     communication_s,
+    recomputed_collectives,
     tensor_1d_collectives,
     tensor_2d_collectives,
     tensor_2d_extra_saved_bytes,
@@ -132,8 +136,8 @@ def layer_options(layer: LayerFacts, tensor_parallel_ok: bool, cluster: Cluster,
                   tensor_2d_rows: Sequence[int] = ()) -> list[LayerOption]:
     """Every option this layer supports on this mesh, in a fixed order (fastest-first for ties).
 
-    Sequence parallelism is offered with tensor parallelism when the caller allows it (the runtime runs it
-    without a pipeline only); so is vocabulary parallelism, alone (no checkpointing or offload). 2-D tensor
+    Sequence parallelism is offered with tensor parallelism when the caller allows it (nn.Linear units); so is
+    vocabulary parallelism, alone (no checkpointing or offload). 2-D tensor
     parallelism is offered on each grid of `tensor_2d_rows`, without selective checkpointing (which would
     re-gather every weight in backward)."""
     strategies = [("replicate", False)] + ([("tensor", False)] if tensor_parallel_ok else []) + (
@@ -160,12 +164,15 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
 
     fwd_s, bwd_s, fwd_memory_s = _compute_times_s(layer, shard, batch_scale, act_scale, cluster, param_dtype,
                                                   outside)
-    allreduce_s = backward_s = 0.0
+    allreduce_s = backward_s = recompute_comm_s = 0.0
     if shard > 1 and option.strategy == "tensor" and layer.tp_linears:
         collectives = (tensor_sp_collectives if option.sequence_parallel else tensor_1d_collectives)(layer, act_scale)
         forward_comm_s, backward_comm_s = communication_s(collectives, 1, tp, cluster)
         allreduce_s = exposed_time_s(forward_comm_s, fwd_s, cluster.overlap.tensor_parallel)
         backward_s = exposed_time_s(backward_comm_s, bwd_s, cluster.overlap.tensor_parallel)
+        # a selective recomputation re-runs the forward collectives it passes (full: priced as the whole forward's)
+        recompute_comm_s = exposed_time_s(communication_s(recomputed_collectives(collectives), 1, tp, cluster)[1],
+                                          fwd_memory_s, cluster.overlap.tensor_parallel)
     elif shard > 1 and option.strategy == "tensor":  # facts without per-linear detail (hand-built tables)
         group = list(range(tp))
         allreduce_s = all_reduce_time_s(layer.tp_allreduce_bytes * act_scale, group, cluster)
@@ -176,7 +183,8 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     if shard > 1 and option.strategy == "vocab":
         allreduce_s = _vocab_communication_s(layer, tp, act_scale, fwd_s, bwd_s, cluster)
     saved = int(split(layer.saved_bytes, layer.tp_saved_bytes) * act_scale)
-    inputs = int(layer.input_bytes * act_scale)
+    # a checkpoint keeps the layer input as the layer sees it: sequence shards under sequence parallelism
+    inputs = int(layer.input_bytes * act_scale / outside)
     local_num_params = int(per_rank(layer.num_params, layer.tp_num_params, shard))
     if option.strategy == "tensor2d":
         rows, cols = option.tp_rows, tp // option.tp_rows
@@ -196,6 +204,7 @@ def price_layer_option(layer: LayerFacts, option: LayerOption, tp: int, batch_sc
     elif option.checkpoint == "selective":
         kept = min(saved, inputs + int(split(layer.matmul_saved_bytes, layer.tp_matmul_saved_bytes) * act_scale))
         recompute_s = fwd_memory_s
+        tp_comm_s += recompute_comm_s
     else:
         kept = saved
     if option.offload_activations:

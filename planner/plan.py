@@ -281,9 +281,9 @@ class Plan:
                 raise PlanError(f"{source}: {where} has strategy 'tensor' but no tensor_parallel units; "
                                 "this layer has no column/row linear pairs, use strategy 'replicate'")
             if layer.strategy == "vocab" and (layer.tensor_parallel or layer.checkpoint != "none"
-                                              or layer.offload_activations or mesh.pp > 1):
+                                              or layer.offload_activations):
                 raise PlanError(f"{source}: {where} has strategy 'vocab', which shards the whole layer on the "
-                                "vocabulary with pp = 1 and takes no tensor_parallel units, checkpoint or "
+                                "vocabulary and takes no tensor_parallel units, checkpoint or "
                                 "offload_activations; remove them or use strategy 'replicate'")
             self._validate_tensor_2d(source, where, layer)
             if layer.sequence_parallel and (layer.strategy != "tensor" or mesh.tp == 1):

@@ -112,10 +112,10 @@ def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOptio
                      f"{layer.tp_rows} and output features by tp / tp_rows, batch-first activations, a micro-batch "
                      f"divisible by tp_rows, and checkpoint 'none' or 'full'")
     if layer.strategy == "vocab":
-        hints.append(f"strategy 'vocab' needs pp = 1, tp > 1, and an untied nn.Embedding or an nn.Linear head "
+        hints.append(f"strategy 'vocab' needs tp > 1, and an untied nn.Embedding or an nn.Linear head "
                      f"feeding F.cross_entropy whose vocabulary is divisible by tp={plan.mesh.tp}")
-    if layer.sequence_parallel and plan.mesh.pp > 1:
-        hints.append("sequence_parallel runs only without a pipeline (pp = 1)")
+    if layer.sequence_parallel:
+        hints.append("sequence_parallel needs strategy 'tensor' on tp > 1 with nn.Linear units (not Conv1D)")
     if layer.offload_activations:
         hints.append("offload_activations needs a cluster profile with a host link, a layer that saves "
                      "activations, and checkpoint 'none'")

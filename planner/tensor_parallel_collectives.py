@@ -35,6 +35,7 @@ gathered over the columns (A / rows instead of A / tp). Biases are split over th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from costmodel import Cluster, all_gather_time_s, all_reduce_time_s, reduce_scatter_time_s
@@ -96,6 +97,20 @@ def tensor_sp_collectives(layer: LayerFacts, act_scale: float) -> list[Collectiv
                   for lin in layer.tp_linears if lin.rowwise]
         found.append(Collective("all_gather", "tp", layer.input_bytes * act_scale, phase))
     return found
+
+
+def recomputed_collectives(collectives: list[Collective]) -> list[Collective]:
+    """The forward collectives a checkpointed `tensor` layer runs again in backward (selective or full).
+
+    The recomputation stops once it has rebuilt the last tensor backward needs (non-reentrant checkpoint's early
+    stop), which comes before the layer's last unit output is reduced: so every forward collective but the last
+    row linear's reduction and, under sequence parallelism, the layer output's all-gather (checked against the
+    census of what DTensor runs, tests/test_collective_census.py)."""
+    forward = [c for c in collectives if c.phase == "forward"]
+    last_reduce = max((i for i, c in enumerate(forward) if c.kind in ("all_reduce", "reduce_scatter")), default=None)
+    boundary = len(forward) - 1 if forward and forward[-1].kind == "all_gather" and any(
+        c.kind == "reduce_scatter" for c in forward) else None
+    return [dataclasses.replace(c, phase="backward") for i, c in enumerate(forward) if i not in (last_reduce, boundary)]
 
 
 def tensor_2d_collectives(layer: LayerFacts, rows: int, cols: int, act_scale: float,

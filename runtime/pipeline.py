@@ -4,10 +4,11 @@ The cut uses the tracer frontend of `torch.distributed.pipelining`: `pipeline(mo
 split_spec={path: SplitPoint.BEGINNING})` exports the whole forward with torch.export (so any root forward
 works, e.g. GPT's `x = wte(idx) + wpe(arange)`: root-level ops land on the stage where they run) and splits
 it before the first layer of every stage. Each stage module keeps the module hierarchy and parameter FQNs
-(`blocks.2.attn.q.weight`), so the plan's layer paths apply to it unchanged: tensor parallel over `tp`
-(DTensor), then data parallel over `dp` (runtime/data_parallel.py), then `Pipe.build_stage` wraps it for the
-schedule. Values a stage takes from a
-stage further back (Llama's rotary tables) are relayed through the stages between (runtime/stage_relay.py).
+(`blocks.2.attn.q.weight`), so the plan's layer paths apply to it unchanged: tensor, sequence and vocabulary
+parallel over `tp` (DTensor styles for the traced linears, embeddings and norms; what a module *was* is read
+from the model before tracing), then data parallel over `dp` (runtime/data_parallel.py), then
+`Pipe.build_stage` wraps it for the schedule. Values a stage takes from a stage further back (Llama's rotary
+tables) are relayed through the stages between (runtime/stage_relay.py).
 
 Data parallelism per stage (each stage's dp group is the dp ranks of its pipeline rank):
 - zero2 / zero3 (HSDP too): FSDP2 `fully_shard` shards the stage module in place; the schedule's FSDP hooks
@@ -63,8 +64,10 @@ from planner.plan_schema import PlanError
 from runtime.data_parallel import DDP_KINDS, apply_data_parallel, autocast_context
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
+from runtime.sequence_parallel import apply_sequence_parallel, sequence_local_modules
 from runtime.stage_relay import produced_value, relay_skipping_values
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d
+from runtime.vocab_parallel import apply_vocab_parallel, check_vocab_layers, loss_context, loss_value
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -245,6 +248,9 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
 
     `spec.model` is consumed: its parameters move into the stage modules and the other stages are dropped.
     """
+    # what the traced stages no longer show by module type: norms of sequence-parallel layers, vocab roles
+    sequence_local = sequence_local_modules(spec.model, plan)
+    vocab_roles = check_vocab_layers(spec.model, plan, mesh["tp"].size())
     pipe = trace_pipeline(plan, spec, device)
     spec.model = nn.Module()  # the stage modules own the parameters from now on
     stage_ids = stage_ids_on_rank(plan, mesh["pp"].get_local_rank())
@@ -256,6 +262,8 @@ def build_pipeline(plan: Plan, spec: ModelSpec, mesh: DeviceMesh, device: torch.
         stage_plan = dataclasses.replace(plan, layers=[layer for layer in plan.layers if layer.stage == stage_id])
         apply_tensor_parallel(module, stage_plan, mesh["tp"])
         apply_tensor_parallel_2d(module, stage_plan, mesh["tp"])
+        apply_vocab_parallel(module, stage_plan, mesh["tp"], vocab_roles)
+        apply_sequence_parallel(module, stage_plan, mesh["tp"], sequence_local)
         apply_activation_checkpointing(module, stage_plan)
         apply_activation_offload(module, stage_plan, device)
         if ddp and plan.precision.param_dtype != "float32":
@@ -307,7 +315,8 @@ def pipeline_train_step(parts: PipelineParts, plan: Plan, inputs, targets, mesh:
     """
     losses: list[torch.Tensor] = []
     args = tuple(inputs) if parts.has_first else ()
-    with forward_context(plan), autocast_context(plan, targets.device):
+    # the last stage's loss and its backward run inside step: under loss_parallel for a `vocab` head
+    with loss_context(plan), forward_context(plan), autocast_context(plan, targets.device):
         parts.schedule.step(*args, target=targets if parts.has_last else None, losses=losses,
                             return_outputs=False)
     if parts.grad_divisor != 1:
@@ -315,7 +324,7 @@ def pipeline_train_step(parts: PipelineParts, plan: Plan, inputs, targets, mesh:
             if p.grad is not None:
                 p.grad.div_(parts.grad_divisor)
     if parts.has_last:
-        loss = torch.stack([loss.detach() for loss in losses]).mean().to(torch.float64)
+        loss = torch.stack([loss_value(loss) for loss in losses]).mean().to(torch.float64)
     else:
         loss = torch.zeros((), dtype=torch.float64, device=targets.device)
     if plan.mesh.pp > 1:

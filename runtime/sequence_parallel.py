@@ -16,24 +16,31 @@ norms, dropout) are sharded over tp on the sequence dimension (dim 1: inputs are
 
 So per unit the all-reduce becomes all-gather + reduce-scatter (same bytes), the layer boundaries add one
 all-gather of the output (and of its gradient), and the norm/residual activations shrink by tp.
+
+Under a pipeline the layer is part of a traced stage module (runtime/pipeline.py): its linears are one-op
+InterpreterModules (runtime/traced_linear.py has their styles) and its norms are no longer nn.LayerNorm, so
+which submodules are sequence-local is read from the model before it is traced (`sequence_local_modules`); the
+stage keeps the FQNs. The layer output is a replicated plain tensor, so stage boundaries send what they would
+without sequence parallelism.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
     PrepareModuleInput,
     PrepareModuleInputOutput,
-    RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
+from planner.linear_modules import is_conv1d
 from planner.plan import LayerPlan, Plan
 from planner.plan_schema import PlanError
+from runtime.parallelize import _submodule, unit_linears
+from runtime.traced_linear import colwise_style, rowwise_style
 
 SEQUENCE_DIM = 1
 
@@ -48,46 +55,67 @@ def _common_parent(paths: list[str]) -> str:
     return parents.pop() if len(parents) == 1 else ""
 
 
-def sequence_parallel_styles(module: nn.Module, layer: LayerPlan) -> dict:
-    """The parallelize_module plan of one sequence-parallel layer (paths relative to the layer)."""
+def sequence_local_modules(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
+    """For every `sequence_parallel` layer of `model` (an nn.Module, before any pipeline tracing): its
+    sequence-local submodules (norms, dropout) outside its units, as paths relative to the layer."""
+    found = {}
+    for layer in plan.layers:
+        if not layer.sequence_parallel:
+            continue
+        module = _submodule(model, layer.path, f"layer {layer.path}")
+        unit_paths = {rel for unit in layer.tensor_parallel for rel in (*unit.colwise, unit.rowwise)}
+        found[layer.path] = [name for name, sub in module.named_modules()
+                             if name and _is_sequence_local(sub)
+                             and not any(name == p or name.startswith(p + ".") for p in unit_paths)]
+    return found
+
+
+def sequence_parallel_styles(module: nn.Module, layer: LayerPlan, tp_mesh: DeviceMesh,
+                             sequence_local: list[str]) -> dict:
+    """The parallelize_module plan of one sequence-parallel layer (paths relative to the layer); `module` is an
+    nn.Module or a traced stage's submodule."""
     styles: dict = {}
-    unit_paths = set()
+
+    def to_dtensor(x):  # a plain input of several column linears (no common parent): one all-gather for all
+        return DTensor.from_local(x, tp_mesh, (Shard(SEQUENCE_DIM),), run_check=False).redistribute(
+            tp_mesh, (Replicate(),))
+
     for unit in layer.tensor_parallel:
         parent = _common_parent(unit.colwise)
         if parent:
             styles[parent] = PrepareModuleInput(input_layouts=(Shard(SEQUENCE_DIM),),
                                                 desired_input_layouts=(Replicate(),), use_local_output=False)
-        for col in unit.colwise:
-            styles[col] = ColwiseParallel(use_local_output=False) if parent else \
-                ColwiseParallel(input_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
-        styles[unit.rowwise] = RowwiseParallel(output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
-        unit_paths.update(unit.colwise + [unit.rowwise])
-    for name, sub in module.named_modules():
-        if name and _is_sequence_local(sub) and not any(name.startswith(p + ".") for p in unit_paths):
-            styles[name] = SequenceParallel(sequence_dim=SEQUENCE_DIM)
+        for rel, sub, rowwise, (in_features, out_features) in unit_linears(module, layer, unit, to_dtensor):
+            if is_conv1d(sub):
+                raise PlanError(f"layer {layer.path}: sequence_parallel runs nn.Linear units only, and {rel} is a "
+                                "transformers Conv1D; set sequence_parallel to false")
+            dim = in_features if rowwise else out_features
+            if dim % tp_mesh.size():
+                raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
+                                f"tp={tp_mesh.size()}")
+            if rowwise:
+                styles[rel] = rowwise_style(sub, output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
+            else:
+                styles[rel] = colwise_style(sub) if parent else colwise_style(sub, input_layouts=Shard(SEQUENCE_DIM))
+    for name in sequence_local:
+        _submodule(module, name, f"layer {layer.path}")
+        styles[name] = SequenceParallel(sequence_dim=SEQUENCE_DIM)
     return styles
 
 
-def apply_sequence_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
-    """Tensor- and sequence-parallelise every `sequence_parallel` layer (apply_tensor_parallel skips them)."""
+def apply_sequence_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh,
+                            sequence_local: dict[str, list[str]] | None = None) -> None:
+    """Tensor- and sequence-parallelise every `sequence_parallel` layer of `model` (apply_tensor_parallel skips
+    them). `model` is the whole model, or a pipeline stage module with `sequence_local` read from the model
+    before tracing (`sequence_local_modules`)."""
+    if sequence_local is None:
+        sequence_local = sequence_local_modules(model, plan)
     for layer in plan.layers:
         if not layer.sequence_parallel:
             continue
-        if plan.mesh.pp > 1:
-            raise PlanError(f"layer {layer.path}: sequence_parallel is not supported with pipeline parallelism "
-                            "yet; set it to false")
-        module = model.get_submodule(layer.path) if layer.path else model
-        for unit in layer.tensor_parallel:
-            for rel in unit.colwise + [unit.rowwise]:
-                sub = module.get_submodule(rel)
-                if not isinstance(sub, nn.Linear):
-                    raise PlanError(f"layer {layer.path}: tensor_parallel names {rel!r}, which is a "
-                                    f"{type(sub).__name__}, not an nn.Linear")
-                dim = sub.out_features if rel in unit.colwise else sub.in_features
-                if dim % tp_mesh.size():
-                    raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
-                                    f"tp={tp_mesh.size()}")
-        parallelize_module(module, tp_mesh, sequence_parallel_styles(module, layer))
+        module = _submodule(model, layer.path, f"layer {layer.path}")
+        parallelize_module(module, tp_mesh, sequence_parallel_styles(module, layer, tp_mesh,
+                                                                     sequence_local[layer.path]))
         parallelize_module(module, tp_mesh, PrepareModuleInputOutput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(SEQUENCE_DIM),), use_local_input=False,
             output_layouts=(Shard(SEQUENCE_DIM),), desired_output_layouts=(Replicate(),), use_local_output=True))

@@ -5,7 +5,8 @@
 `nn.Linear`, it is a one-op graph `aten.linear(x, weight, bias)`. torch's ColwiseParallel / RowwiseParallel
 refuse any module that is not an `nn.Linear`, although what they do to one (shard the parameters, lay out the
 input, redistribute the output) only needs those parameters. The two styles here apply exactly torch's
-partition and input/output functions to such a traced linear.
+partition and input/output functions to such a traced linear. Likewise a traced embedding (one
+`aten.embedding` over its own `weight`) gets RowwiseParallel's embedding partition (vocabulary-parallel lookup).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_module
+from torch.distributed.tensor import Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.export.unflatten import InterpreterModule
 
@@ -31,6 +32,15 @@ def _is_traced_linear(module: nn.Module) -> bool:
         return False
     attrs = [node.target for node in module.graph.nodes if node.op == "get_attr"]
     return attrs in (["weight"], ["weight", "bias"]) and module.weight.dim() == 2
+
+
+def is_traced_embedding(module: nn.Module) -> bool:
+    """True for an InterpreterModule whose graph is one `aten.embedding` over its own `weight`."""
+    if not isinstance(module, InterpreterModule):
+        return False
+    ops = [node for node in module.graph.nodes if node.op == "call_function"]
+    attrs = [node.target for node in module.graph.nodes if node.op == "get_attr"]
+    return len(ops) == 1 and ops[0].target == torch.ops.aten.embedding.default and attrs == ["weight"]
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -64,12 +74,32 @@ class TracedRowwiseParallel(RowwiseParallel):
                                  partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
 
-def colwise_style(module: nn.Module) -> ColwiseParallel:
-    """The column style for this linear, keeping activations as DTensors (global shapes stay valid)."""
-    return ColwiseParallel(use_local_output=False) if isinstance(module, nn.Linear) \
-        else TracedColwiseParallel(use_local_output=False)
+class TracedEmbeddingRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a traced embedding: the table sharded on the vocabulary (dim 0), the ids replicated,
+    the partial lookups all-reduced (torch's nn.Embedding branch of RowwiseParallel)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Replicate(),)
+        return distribute_module(module, device_mesh, self._partition_embedding_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
 
-def rowwise_style(module: nn.Module) -> RowwiseParallel:
-    """The row style for this linear; its output is a plain replicated tensor."""
-    return RowwiseParallel() if isinstance(module, nn.Linear) else TracedRowwiseParallel()
+def colwise_style(module: nn.Module, **kwargs) -> ColwiseParallel:
+    """The column style for this linear, keeping activations as DTensors (global shapes stay valid) unless
+    `kwargs` say otherwise (ColwiseParallel's arguments)."""
+    kwargs.setdefault("use_local_output", False)
+    return ColwiseParallel(**kwargs) if isinstance(module, nn.Linear) else TracedColwiseParallel(**kwargs)
+
+
+def rowwise_style(module: nn.Module, **kwargs) -> RowwiseParallel:
+    """The row style for this linear; by default its output is a plain replicated tensor (RowwiseParallel's
+    arguments in `kwargs`)."""
+    return RowwiseParallel(**kwargs) if isinstance(module, nn.Linear) else TracedRowwiseParallel(**kwargs)
+
+
+def embedding_rowwise_style(module: nn.Module) -> RowwiseParallel:
+    """The vocabulary-parallel style for an nn.Embedding or a traced embedding: replicated ids in, replicated
+    plain output."""
+    return RowwiseParallel(input_layouts=Replicate()) if isinstance(module, nn.Embedding) \
+        else TracedEmbeddingRowwiseParallel(input_layouts=Replicate())

@@ -10,8 +10,10 @@ As torchtitan does for Llama:
   the shards with three small all-reduces instead of gathering the logits.
 
 The loss is then a replicated DTensor; `loss_value` turns it into a plain tensor for logging and averaging.
-Pipelines are refused (the plan says pp = 1 for `vocab` layers): stage modules are traced, so an embedding is
-no longer an nn.Embedding there and the loss runs inside the schedule, outside `loss_parallel`.
+Under a pipeline the layers are traced stage submodules (one `aten.embedding` or `aten.linear` over their own
+weight: runtime/traced_linear.py's styles); their roles are checked on the model before it is traced
+(`check_vocab_layers`), and the schedule's loss on the last stage, with its backward, runs under
+`loss_context` (runtime/pipeline.py).
 """
 
 from __future__ import annotations
@@ -21,21 +23,19 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from planner.vocab_parallel import vocab_role, weight_is_shared
+from runtime.traced_linear import colwise_style, embedding_rowwise_style, is_traced_embedding, linear_features
 
 
 def _check_vocab_layer(model: nn.Module, plan: Plan, index: int, tp: int) -> str:
     """The layer's role (`embedding` or `head`) or a PlanError that names the layer and the fix."""
     layer = plan.layers[index]
     where = f"layer {layer.path}"
-    if plan.mesh.pp > 1:
-        raise PlanError(f"{where}: strategy 'vocab' is not supported with pipeline parallelism (pp={plan.mesh.pp}); "
-                        "use strategy 'replicate'")
     try:
         module = model.get_submodule(layer.path) if layer.path else model
     except AttributeError as err:
@@ -59,15 +59,33 @@ def _check_vocab_layer(model: nn.Module, plan: Plan, index: int, tp: int) -> str
     return role
 
 
-def apply_vocab_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
-    """Shard every `vocab` layer of `model` over `tp_mesh` (see the module docstring)."""
-    for index, layer in enumerate(plan.layers):
+def check_vocab_layers(model: nn.Module, plan: Plan, tp: int) -> dict[str, str]:
+    """The role (`embedding` or `head`) of every `vocab` layer of `model` (an nn.Module, before any pipeline
+    tracing), by path; a PlanError naming the layer and the fix for one that cannot be sharded."""
+    return {layer.path: _check_vocab_layer(model, plan, index, tp)
+            for index, layer in enumerate(plan.layers) if layer.strategy == "vocab"}
+
+
+def apply_vocab_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh,
+                         roles: dict[str, str] | None = None) -> None:
+    """Shard every `vocab` layer of `model` over `tp_mesh` (see the module docstring). `model` is the whole
+    model, or a pipeline stage module with `roles` from `check_vocab_layers` on the model before tracing."""
+    if roles is None:
+        roles = check_vocab_layers(model, plan, tp_mesh.size())
+    for layer in plan.layers:
         if layer.strategy != "vocab":
             continue
-        role = _check_vocab_layer(model, plan, index, tp_mesh.size())
-        style = RowwiseParallel(input_layouts=Replicate()) if role == "embedding" else \
-            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        parallelize_module(model.get_submodule(layer.path), tp_mesh, style)
+        module = model.get_submodule(layer.path)
+        if roles[layer.path] == "embedding":
+            style = embedding_rowwise_style(module)
+        else:
+            style = colwise_style(module, output_layouts=Shard(-1), use_local_output=False)
+        if not isinstance(module, (nn.Embedding, nn.Linear)) and not (
+                is_traced_embedding(module) if roles[layer.path] == "embedding" else linear_features(module)):
+            raise PlanError(f"layer {layer.path}: strategy 'vocab' found a {type(module).__name__} in the pipeline "
+                            "stage, not one embedding lookup or linear over its own weight; use strategy "
+                            "'replicate'")
+        parallelize_module(module, tp_mesh, style)
 
 
 def loss_context(plan: Plan) -> contextlib.AbstractContextManager:

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from planner.model_spec import load_model_spec
 from planner.plan import Plan
+from runtime.memory_techniques import apply_activation_checkpointing
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, grid_for
@@ -124,6 +125,7 @@ def census_layer(plan: Plan, layer_path: str) -> list[Collective]:
         apply_tensor_parallel(spec.model, plan, mesh["tp"])
         apply_tensor_parallel_2d(spec.model, plan, mesh["tp"])
         apply_sequence_parallel(spec.model, plan, mesh["tp"])
+        apply_activation_checkpointing(spec.model, plan)
         recorder = _CollectiveRecorder(_axis_names(plan, mesh))
         with forward_context(plan), recorder:
             output = layer(*layer_inputs)

@@ -35,7 +35,8 @@ def layer_of(plan: Plan, name: str) -> str:
 
 def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
     """Parameters the plan shards over tp: colwise weights and biases, rowwise weights of `tensor` layers; every
-    weight and bias of a `tensor2d` layer's units (biases over the grid's columns)."""
+    weight and bias of a `tensor2d` layer's units (biases over the grid's columns); the weight of a `vocab`
+    layer (on the vocabulary)."""
     if plan.mesh.tp == 1:
         return set()
     wanted = set()
@@ -44,6 +45,8 @@ def tp_sharded_names(plan: Plan, names: set[str]) -> set[str]:
             for unit in layer.tensor_parallel:
                 for rel in [*unit.colwise, unit.rowwise]:
                     wanted |= {f"{layer.path}.{rel}.weight", f"{layer.path}.{rel}.bias"}
+        if layer.strategy == "vocab":
+            wanted.add(f"{layer.path}.weight")
         if layer.strategy == "tensor":
             for unit in layer.tensor_parallel:
                 for col in unit.colwise:
@@ -115,7 +118,8 @@ def compare_plan(plan_path: str, steps: int) -> dict:
                     worst["buffer"], where["buffer"] = diff, name
     mine = {"worst": worst, "where": where, "losses": losses, "names": [n for n, _ in parts.named_parameters()],
             "kept_elsewhere": kept_elsewhere, "tp_mismatch": tp_mismatch,
-            "tp_sharded": sorted(tp_sharded), "stage_ids": parts.stage_ids}
+            "tp_sharded": sorted(tp_sharded), "stage_ids": parts.stage_ids,
+            "dtensors": sorted(n for n, p in parts.named_parameters() if isinstance(p, DTensor))}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     result = {"worst": {}, "where": {}, "losses": [r["losses"] for r in gathered],
@@ -123,6 +127,7 @@ def compare_plan(plan_path: str, steps: int) -> dict:
               "tp_mismatch": sorted({n for r in gathered for n in r["tp_mismatch"]}),
               "tp_sharded": len({n for r in gathered for n in r["tp_sharded"]}),
               "stage_ids": [r["stage_ids"] for r in gathered],
+              "dtensors": sorted({n for r in gathered for n in r["dtensors"]}),
               "missing": sorted(set(ref_params) - {n for r in gathered for n in r["names"]})}
     for quantity in worst:
         top = max(gathered, key=lambda r, q=quantity: r["worst"][q])

@@ -182,3 +182,35 @@ def test_tensor_2d_with_data_parallel_matches_single_process(tmp_path):
     for name, result in results.items():
         assert result["tp_shards"]["blocks.0.mlp.fc.weight"] == [1, 0], (name, result["tp_shards"])
     assert {layer.tp_rows for layer in grids.layers} == {0, 2, 4}
+
+
+def test_tensor_sequence_parallel_selective_checkpoint_matches_single_process(tmp_path):
+    """Megatron's layer recipe on one layer: tp2 with sequence parallelism and selective checkpointing (op-level
+    SAC, runtime/memory_techniques.py) on every block, float64 (1e-9) against one process. The planner offers
+    it, and prices its kept activations below plain tensor parallelism's with selective checkpointing (the layer
+    input and the matmul outputs outside units are sequence shards)."""
+    from costmodel import load_cluster
+    from planner.evaluate_config import ConfigPricer
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+    from planner.recost import recost_plan
+
+    spec = load_model_spec(GPT, device="meta")
+    graph = build_model_graph(spec)
+    pricer = ConfigPricer(spec.model, graph, load_cluster("cpu").for_world_size(2))
+    block = [layer.path for layer in graph.layers].index("blocks.0")
+    costs = {o.label: c for o, c in pricer.micro_options(block, 2, 8, "float32")}
+    assert costs["tensor+sp+ckpt-selective"].activation_bytes < costs["tensor+ckpt-selective"].activation_bytes
+    assert costs["tensor+sp+ckpt-selective"].recompute_s < costs["tensor+sp+ckpt-full"].recompute_s
+    plan_obj = force_tensor_parallel(plan(GPT, "cpu", 2, mesh=(1, 1, 2)))
+    for layer in plan_obj.layers:
+        layer.sequence_parallel = layer.strategy == "tensor"
+        layer.checkpoint = "selective" if layer.strategy == "tensor" else "none"
+        layer.offload_activations = False
+    plan_obj.validate("test")
+    recosted = recost_plan(plan_obj, spec.model, graph, load_cluster("cpu").for_world_size(2))  # the search's pricer
+    assert recosted.prediction.step_time_ms > 0
+    result = run_parity({"plan": plan_obj}, tmp_path, "float64", steps=3)["plan"]
+    assert not result["not_compared"]
+    for quantity, tolerance in TOLERANCE["float64"].items():
+        assert result["worst"][quantity] < tolerance, (quantity, result)

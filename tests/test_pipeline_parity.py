@@ -84,13 +84,13 @@ def run_pipeline_parity(runs: dict[str, tuple[Plan, str]], tmp_path: Path) -> di
 
 
 def check(result: dict, dtype: str, pp: int, dp: int, tp: int, num_stages: int, tensor_2d: bool = False,
-          tolerance: dict | None = None) -> None:
+          tolerance: dict | None = None, vocab: bool = False) -> None:
     assert not result["missing"], f"no rank holds {result['missing']}"
     # ranks are (pp, dp, tp) row-major: pipeline rank r runs stages r, r + pp, ...
     assert result["stage_ids"] == [list(range(rank // (dp * tp), num_stages, pp)) for rank in range(pp * dp * tp)]
     # the tp runs are GPT's: 4 tensor-parallel blocks shard q, k, v, attn.proj.weight, fc.weight, fc.bias and
-    # mlp.proj.weight; tensor2d blocks shard attn.proj.bias and mlp.proj.bias too
-    assert result["tp_sharded"] == (0 if tp == 1 else 36 if tensor_2d else 28), result["tp_sharded"]
+    # mlp.proj.weight; tensor2d blocks shard attn.proj.bias and mlp.proj.bias too; vocab: wte, wpe and head
+    assert result["tp_sharded"] == (0 if tp == 1 else 36 if tensor_2d else 28) + 3 * vocab, result["tp_sharded"]
     assert not result["kept_elsewhere"], f"ranks keep parameters of other stages: {result['kept_elsewhere']}"
     assert not result["tp_mismatch"], f"tensor-parallel sharding differs from the plan: {result['tp_mismatch']}"
     for quantity, bound in (tolerance or TOLERANCE[dtype]).items():
@@ -114,7 +114,8 @@ CONFIGS = {
         "pp2xdp2_zero2_memory": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2_ddp_1f1b": (2, 2, 1, "1f1b", 4, TWO_STAGES, "float64"),
         "pp2xdp2_zero1_interleaved": (2, 2, 1, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
-        "pp2xdp2_ddp_bf16": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float32")},
+        "pp2xdp2_ddp_bf16": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float32"),
+        "pp2xtp2_sp_vocab_interleaved": (2, 1, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
     8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
         "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64"),
         "pp2xdp2xtp2_zero1": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
@@ -135,6 +136,27 @@ def with_memory_techniques(plan_obj: Plan) -> Plan:
 def with_tensor_2d(plan_obj: Plan) -> Plan:
     """Every tensor-parallel block on a 2 x 2 grid (strategy tensor2d), run as traced linears of the stages."""
     return force_tensor_2d(plan_obj, 2)
+
+
+def with_sequence_parallel(plan_obj: Plan) -> Plan:
+    """Megatron's layer recipe under a pipeline: every tensor-parallel block sequence parallel (the norms of the
+    traced stages run on sequence shards), blocks.1 with selective checkpointing on top."""
+    for layer in plan_obj.layers:
+        layer.sequence_parallel = layer.strategy == "tensor"
+        layer.checkpoint = "selective" if layer.path == "blocks.1" else "none"
+    plan_obj.validate("test")
+    return plan_obj
+
+
+def with_sequence_and_vocab_parallel(plan_obj: Plan) -> Plan:
+    """Sequence-parallel blocks and the (untied) embeddings and head vocabulary-parallel: the head's logits
+    stay vocabulary-sharded into the schedule's loss on the last stage, under loss_parallel."""
+    plan_obj = with_sequence_parallel(plan_obj)
+    for layer in plan_obj.layers:
+        if layer.path in ("wte", "wpe", "head"):
+            layer.strategy, layer.checkpoint, layer.offload_activations = "vocab", "none", False
+    plan_obj.validate("test")
+    return plan_obj
 
 
 TOLERANCE_OF = {"pp2xdp2_ddp_bf16": {"loss": 1e-4, "param": 5e-2}}
@@ -162,7 +184,8 @@ def with_kind(kind: str):
 
 EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d,
          "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1"),
-         "pp2xdp2xtp2_zero1": with_kind("zero1"), "pp2xdp2_ddp_bf16": with_bf16_autocast}
+         "pp2xdp2xtp2_zero1": with_kind("zero1"), "pp2xdp2_ddp_bf16": with_bf16_autocast,
+         "pp2xtp2_sp_vocab_interleaved": with_sequence_and_vocab_parallel}
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +207,14 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize(("world_size", "name"), [(w, n) for w, configs in CONFIGS.items() for n in configs])
 def test_pipeline_matches_single_process(world_size, name, results):
     config = CONFIGS[world_size][name]
-    check(results(world_size)[name], dtype=config[6], pp=config[0], dp=config[1], tp=config[2],
-          num_stages=len(config[5]) + 1, tensor_2d=EDITS.get(name) is with_tensor_2d,
+    edit = EDITS.get(name)
+    result = results(world_size)[name]
+    check(result, dtype=config[6], pp=config[0], dp=config[1], tp=config[2], num_stages=len(config[5]) + 1,
+          tensor_2d=edit is with_tensor_2d, vocab=edit is with_sequence_and_vocab_parallel,
           tolerance=TOLERANCE_OF.get(name))
+    if edit is with_sequence_and_vocab_parallel:  # norms replicated over tp as DTensors
+        norms = {f"blocks.{i}.{ln}.{p}" for i in range(4) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
+        assert norms <= set(result["dtensors"]), sorted(norms - set(result["dtensors"]))
 
 
 def single_process_losses(pipe_plan: Plan, steps: int) -> list[float]:

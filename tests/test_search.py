@@ -115,7 +115,7 @@ def test_infeasible_error_gives_memory_and_what_would_help():
         plan(GPT, tiny, 4)
 
 
-def test_sequence_parallel_is_offered_only_without_a_pipeline():
+def test_sequence_parallel_is_offered_with_and_without_a_pipeline():
     from planner.model_graph import build_model_graph
     from planner.model_spec import load_model_spec
 
@@ -124,7 +124,7 @@ def test_sequence_parallel_is_offered_only_without_a_pipeline():
     block = next(i for i, layer in enumerate(pricer.layers) if layer.path == "blocks.0")
     flat = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=False)}
     piped = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=True)}
-    assert "tensor+sp" in flat and not any("+sp" in label for label in piped)
+    assert "tensor+sp" in flat and "tensor+sp+ckpt-selective" in flat and piped == flat
 
 
 def test_model_state_offload_is_a_zero3_option_without_a_pipeline():

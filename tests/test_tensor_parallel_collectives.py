@@ -18,7 +18,12 @@ from test_parity import GPT, force_tensor_2d, force_tensor_parallel
 from planner.api import plan
 from planner.model_graph import build_model_graph
 from planner.model_spec import load_model_spec
-from planner.tensor_parallel_collectives import tensor_1d_collectives, tensor_2d_collectives, tensor_sp_collectives
+from planner.tensor_parallel_collectives import (
+    recomputed_collectives,
+    tensor_1d_collectives,
+    tensor_2d_collectives,
+    tensor_sp_collectives,
+)
 
 AXIS_NAMES = {"tp": "tp", "rows": "tp_rows", "cols": "tp_cols"}
 
@@ -48,3 +53,25 @@ def test_cost_model_collectives_are_the_ones_dtensor_runs(block_facts, tp, tp_ro
     predicted = Counter((c.kind, AXIS_NAMES[c.axis], sizes[c.axis], int(c.num_bytes), c.phase) for c in listed)
     assert recorded == predicted
     assert sum(recorded.values()) >= 4
+
+
+@pytest.mark.parametrize("checkpoint", ["selective", "full"])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp4", "tp4+sp"])
+def test_recomputed_collectives_are_the_ones_checkpointing_reruns(block_facts, sequence_parallel, checkpoint):
+    """A checkpointed `tensor` block (selective: op-level SAC; full) runs in backward, beyond the collectives of
+    an uncheckpointed one, exactly `recomputed_collectives`: its recomputation stops before the last unit output
+    is reduced (and, under sequence parallelism, before the layer output's all-gather)."""
+    graph, layer = block_facts
+    planned = force_tensor_parallel(plan(GPT, "cpu", 4, mesh=(1, 1, 4)))
+    for planned_layer in planned.layers:
+        planned_layer.sequence_parallel = sequence_parallel and planned_layer.strategy == "tensor"
+    plain = Counter((c.kind, c.axis, c.group_size, c.full_bytes, c.phase) for c in census_layer(planned, "blocks.0"))
+    planned.layers[[la.path for la in planned.layers].index("blocks.0")].checkpoint = checkpoint
+    checkpointed = Counter((c.kind, c.axis, c.group_size, c.full_bytes, c.phase)
+                           for c in census_layer(planned, "blocks.0"))
+    scale = planned.micro_batch_size / graph.sample_batch_size
+    listed = (tensor_sp_collectives if sequence_parallel else tensor_1d_collectives)(layer, scale)
+    predicted = Counter((c.kind, AXIS_NAMES[c.axis], 4, int(c.num_bytes), c.phase)
+                        for c in recomputed_collectives(listed))
+    assert checkpointed - plain == predicted and not plain - checkpointed
+    assert sum(predicted.values()) == (3 if sequence_parallel else 1)

@@ -80,11 +80,26 @@ def test_memory_pressure_makes_the_ilp_shard_the_vocabulary():
     assert Plan.from_yaml(tight.to_yaml()) == tight
 
 
-def test_pipelines_are_never_offered_vocab_parallelism_and_refuse_it():
-    result = plan(f"{MODELS}:build_wide_vocab_gpt", "cpu", 4, mesh=(2, 1, 2))
-    assert all(layer.strategy != "vocab" for layer in result.layers)
-    result.layers[-1].strategy = "vocab"
-    with pytest.raises(PlanError, match=r"layers\[7\] \(head\) has strategy 'vocab'.*pp = 1"):
+def test_pipelines_are_offered_vocab_parallelism():
+    """pp2 x tp2: the head (last stage) and the embeddings (first stage) are offered `vocab` as without a
+    pipeline (the runtime shards their traced stage modules, tests/test_pipeline_parity.py), and a plan that
+    takes it validates and passes the runtime's checks; `vocab` with checkpointing is still refused."""
+    from planner.evaluate_config import ConfigPricer
+    from runtime.train import check_runtime_supports
+
+    source = f"{MODELS}:build_wide_vocab_gpt"
+    spec = load_model_spec(source, device="meta")
+    pricer = ConfigPricer(spec.model, build_model_graph(spec), load_cluster("cpu"))
+    for index in (0, len(pricer.layers) - 1):
+        piped = {o.label for o, _ in pricer.micro_options(index, 2, 4, "float32", pipelined=True)}
+        assert "vocab" in piped, (pricer.layers[index].path, piped)
+    result = plan(source, "cpu", 4, mesh=(2, 1, 2))
+    for layer in (result.layers[0], result.layers[-1]):
+        layer.strategy, layer.checkpoint, layer.offload_activations = "vocab", "none", False
+    result.validate()
+    check_runtime_supports(result)
+    result.layers[-1].checkpoint = "full"
+    with pytest.raises(PlanError, match=r"layers\[7\] \(head\) has strategy 'vocab'.*checkpoint"):
         result.validate()
 
 
