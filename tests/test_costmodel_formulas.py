@@ -250,3 +250,21 @@ def test_collective_buffer_bytes():
     assert collective_buffer_bytes("reduce_scatter", 1000, 1) == 0
     with pytest.raises(ValueError, match="unknown collective"):
         collective_buffer_bytes("broadcast", 1, 2)
+
+
+def test_data_parallel_collectives_share_one_compute_window():
+    from costmodel import OverlapSpec, data_parallel_exposed_s
+
+    full = OverlapSpec(fsdp_all_gather=1.0, gradient_reduction=1.0)
+    # gathers 3 s and reductions 2 s beside 4 s of compute: they queue on one link, so 1 s stays exposed,
+    # not 0 (as if each kind had the whole window to itself)
+    assert data_parallel_exposed_s(3.0, 2.0, 4.0, 4.0, full) == pytest.approx(1.0)
+    # the reduction's own window (the last micro-batch's backward) limits it further
+    assert data_parallel_exposed_s(1.0, 2.0, 8.0, 1.5, full) == pytest.approx(0.5)
+    # no overlap: everything exposed; a fraction hides that share of what the window covers
+    assert data_parallel_exposed_s(3.0, 2.0, 4.0, 4.0, OverlapSpec()) == pytest.approx(5.0)
+    part = OverlapSpec(fsdp_all_gather=0.5, gradient_reduction=0.5)
+    # gathers hide 0.5 * 3; the reductions 0.5 * min(2, 4 - 1.5)
+    assert data_parallel_exposed_s(3.0, 2.0, 4.0, 4.0, part) == pytest.approx(5.0 - 1.5 - 1.0)
+    with pytest.raises(ValueError, match="gather_s"):
+        data_parallel_exposed_s(-1.0, 0.0, 1.0, 1.0, full)
