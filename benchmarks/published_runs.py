@@ -168,8 +168,8 @@ def with_data_parallel_overlap(base: Cluster, fraction: float) -> Cluster:
 
 def fit_data_parallel_overlap(rows: list[dict], systems: dict[str, dict], base: Cluster) -> None:
     """Fit the profile's one free time constant, the share of data-parallel communication that hides behind
-    compute (overlap.fsdp_all_gather = overlap.gradient_reduction), over the rows by the least mean |log error|
-    on a 0.05 grid; print it with its in-sample and leave-one-out errors."""
+    compute (overlap.fsdp_all_gather = overlap.gradient_reduction), over the rows by least squares of the log
+    error on a 0.05 grid; print it with its in-sample and leave-one-out errors."""
     grid = [round(0.05 * i, 2) for i in range(21)]
     log_error = {}  # (row name, fraction) -> log(predicted / published)
     for fraction in grid:
@@ -181,7 +181,7 @@ def fit_data_parallel_overlap(rows: list[dict], systems: dict[str, dict], base: 
             log_error[row["name"], fraction] = math.log(predicted_step_s(result) / row["iteration_s"])
 
     def best(names: list[str]) -> float:
-        return min(grid, key=lambda f: (statistics.mean(abs(log_error[n, f]) for n in names), f))
+        return min(grid, key=lambda f: (sum(log_error[n, f] ** 2 for n in names), f))
 
     names = [r["name"] for r in rows]
     fitted = best(names)

@@ -1,10 +1,13 @@
-"""The planner chooses 2-D tensor parallelism where its cost model says it is faster, and only there.
+"""The planner chooses the tensor-parallel layout its cost model says is fastest, and no edit re-prices faster.
 
 A 4-block GPT with a long sequence and narrow layers (hidden 2048, sequence 8192, micro-batch 8), pinned to
-pp 2 x tp 8 on two A100 nodes: sequence parallelism is not offered with a pipeline, so each block chooses
-between 1-D `tensor` and the 2-D grids. The plan is re-priced after editing the blocks to every other choice
+pp 2 x tp 8 on two A100 nodes, and a GPT-3-wide one (hidden 12288, sequence 2048). Each block chooses between
+1-D `tensor` (with or without sequence parallelism, offered with pipelines too) and the 2-D grids; both pick
+1-D (the narrow one with sequence parallelism, which shards what 2-D would gather; the wide one because its
+weights are too large to gather). The plan is re-priced after editing the blocks to every other choice
 (planner/recost.py, the path `meshplan validate` takes): none may be faster than what the planner chose.
-A GPT-3-wide block (hidden 12288, sequence 2048) stays 1-D: its weights are too large to gather.
+Where sequence parallelism is not available (transformers Conv1D units), `benchmarks/tensor_parallel_2d.py`
+shows 2-D winning.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _benchmark_module():
     return module
 
 
-@pytest.mark.parametrize(("hidden", "heads", "seq", "expected"), [(2048, 16, 8192, "tensor2d"),
+@pytest.mark.parametrize(("hidden", "heads", "seq", "expected"), [(2048, 16, 8192, "tensor"),
                                                                    (12288, 96, 2048, "tensor")])
 def test_blocks_choose_the_faster_tensor_parallel_layout(tmp_path, hidden, heads, seq, expected):
     source = _benchmark_module().write_gpt_model(tmp_path, hidden, heads, seq, global_batch=32)
@@ -47,11 +50,12 @@ def test_blocks_choose_the_faster_tensor_parallel_layout(tmp_path, hidden, heads
     cluster = load_cluster("a100-80g").for_world_size(16)
     best_ms = recost_plan(chosen, spec.model, graph, cluster).prediction.step_time_ms
     assert best_ms == pytest.approx(chosen.predicted.step_time_ms, rel=1e-9)
-    for strategy, tp_rows in [("tensor", 0), ("tensor2d", 2), ("tensor2d", 4)]:
+    for strategy, tp_rows, sequence in [("tensor", 0, False), ("tensor", 0, True), ("tensor2d", 2, False),
+                                        ("tensor2d", 4, False)]:
         edited = copy.deepcopy(chosen)
         for layer in edited.layers:
             if layer.tensor_parallel:
-                layer.strategy, layer.tp_rows = strategy, tp_rows
+                layer.strategy, layer.tp_rows, layer.sequence_parallel = strategy, tp_rows, sequence
         edited.validate("edited")
         try:
             recosted = recost_plan(edited, spec.model, graph, cluster)
