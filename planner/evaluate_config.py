@@ -66,7 +66,7 @@ from planner.layer_options import (
 from planner.linear_modules import is_conv1d
 from planner.memory_fit import GroupHull, fractional_fit_time_s, group_hull
 from planner.model_graph import ModelGraph
-from planner.partition import partition_chain, stage_costs
+from planner.partition import partition_chain
 from planner.plan import grid_rows_options
 from planner.tensor_parallel_collectives import supports_tensor_parallel_2d
 from planner.vocab_parallel import supports_vocab_parallel
@@ -278,11 +278,26 @@ class ConfigPricer:
         if found is not None and [bounds[b] for b in found[0]] != cuts[0]:
             cuts.insert(0, [bounds[b] for b in found[0]])
         factor = pipeline_step_factor(config.pp, config.num_microbatches, config.virtual_stages)
+        ends = len(self.layers)
+
+        def rank_time_s(starts: list[int], rank: int) -> float:
+            # the rank's stages share its memory: one LP over all their layers (a relaxation of the rank's exact
+            # ILP, and tighter than fitting each stage alone, which the partitioner does to choose the cut)
+            groups: dict[tuple[str, float], int] = {}
+            send_s = 0.0
+            for stage in range(rank, config.num_stages, config.pp):
+                start, end = starts[stage], (starts + [ends])[stage + 1]
+                send_s += p2p[start]
+                for k in self.kind_order:
+                    count = prefix[k][end] - prefix[k][start]
+                    if count:
+                        groups[k, in_flight[stage]] = groups.get((k, in_flight[stage]), 0) + count
+            hulls = [(hull(first[k], f), count) for (k, f), count in groups.items()]
+            return fractional_fit_time_s(hulls, self.cluster.usable_memory_bytes) + send_s
+
         priced = []
         for starts in cuts:
-            costs = stage_costs(starts, len(self.layers), segment_cost)
-            rank_time = [sum(costs[s] for s in range(r, config.num_stages, config.pp)) for r in range(config.pp)]
-            priced.append((factor * max(rank_time), starts))
+            priced.append((factor * max(rank_time_s(starts, r) for r in range(config.pp)), starts))
         priced = [p for p in priced if math.isfinite(p[0])]
         if not priced:
             return ConfigResult(config, math.inf, [])
