@@ -1,6 +1,6 @@
 """meshplan's cost model against published large-scale training runs (issue 13).
 
-    python benchmarks/published_runs.py [--rows NAME_SUBSTRING] [--no-search] [--cluster a100-80g]
+    python benchmarks/published_runs.py [--rows NAME_SUBSTRING] [--no-search] [--fit] [--cluster a100-80g]
 
 For each row of benchmarks/data/published_runs.yaml (every row cites its paper) this builds a plain GPT of the
 row's shape on the meta device, writes the published configuration as a plan (pinned mesh, micro-batch,
