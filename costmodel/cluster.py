@@ -277,7 +277,9 @@ class LinkSpec:
 class OverlapSpec:
     """Share of each kind of communication hidden behind compute, in [0, 1] (0 = fully exposed, 1 = hidden).
 
-    Applied by `costmodel.communication.exposed_time_s`: exposed = comm - fraction * min(comm, compute).
+    Applied by `costmodel.communication.exposed_time_s` (exposed = comm - fraction * min(comm, compute)) for
+    pipeline sends and tensor-parallel collectives, and by `costmodel.overlap.data_parallel_exposed_s` for a
+    layer's data-parallel gathers and reductions, which share one window of its compute.
     These are properties of the runtime and hardware together (separate copy engines / SMs for NCCL on GPUs;
     one shared core pool for gloo on CPUs), so they live in the profile, not in code.
     """
