@@ -136,10 +136,10 @@ class ConfigPricer:
                             if layer.num_params else 0 for layer in self.layers]
 
     # ---- per-layer tables -------------------------------------------------------------------------------
-    def micro_options(self, index: int, tp: int, micro_batch_size: int, param_dtype: str,
-                      pipelined: bool = False) -> list[tuple[LayerOption, OptionCost]]:
+    def micro_options(self, index: int, tp: int, micro_batch_size: int,
+                      param_dtype: str) -> list[tuple[LayerOption, OptionCost]]:
         """Options of a layer and their per-micro-batch costs. They are the same with and without a pipeline
-        (sequence and vocabulary parallelism run on traced stages too); `pipelined` is accepted and ignored."""
+        (sequence and vocabulary parallelism run on traced stages too)."""
         layer = self.layers[index]
         key = (layer.kind, tp, micro_batch_size, param_dtype)
         if key not in self._micro:
@@ -183,8 +183,7 @@ class ConfigPricer:
         overlap = self.cluster.overlap
         setup = config.data_parallel_setup()
         priced = []
-        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype,
-                                                config.pp > 1):
+        for option, micro in self.micro_options(index, config.tp, config.micro_batch_size, config.param_dtype):
             states = rank_state_bytes(micro.local_num_params, setup)
             gather_s, reduce_s = data_parallel_time_s(micro.local_num_params, setup, self.cluster)
             communication_s = data_parallel_exposed_s(gather_s, reduce_s,

@@ -122,8 +122,11 @@ def test_sequence_parallel_is_offered_with_and_without_a_pipeline():
     spec = load_model_spec(GPT, device="meta")
     pricer = ConfigPricer(spec.model, build_model_graph(spec), load_cluster("cpu"))
     block = next(i for i, layer in enumerate(pricer.layers) if layer.path == "blocks.0")
-    flat = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=False)}
-    piped = {o.label for o, _ in pricer.micro_options(block, 2, 4, "float32", pipelined=True)}
+    flat_config = next(c for c in enumerate_configs(4, 8, len(pricer.layers), 8, mesh=(1, 2, 2)))
+    piped_config = next(c for c in enumerate_configs(4, 8, len(pricer.layers), 8, mesh=(2, 1, 2))
+                        if c.micro_batch_size == flat_config.micro_batch_size)
+    flat = {p.option.label for p in pricer.priced_options(block, flat_config)}
+    piped = {p.option.label for p in pricer.priced_options(block, piped_config)}
     assert "tensor+sp" in flat and "tensor+sp+ckpt-selective" in flat and piped == flat
 
 

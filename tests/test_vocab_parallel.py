@@ -90,8 +90,11 @@ def test_pipelines_are_offered_vocab_parallelism():
     source = f"{MODELS}:build_wide_vocab_gpt"
     spec = load_model_spec(source, device="meta")
     pricer = ConfigPricer(spec.model, build_model_graph(spec), load_cluster("cpu"))
+    from planner.config_space import enumerate_configs
+
+    piped_config = enumerate_configs(4, 8, len(pricer.layers), spec.global_batch_size, mesh=(2, 1, 2))[0]
     for index in (0, len(pricer.layers) - 1):
-        piped = {o.label for o, _ in pricer.micro_options(index, 2, 4, "float32", pipelined=True)}
+        piped = {p.option.label for p in pricer.priced_options(index, piped_config)}
         assert "vocab" in piped, (pricer.layers[index].path, piped)
     result = plan(source, "cpu", 4, mesh=(2, 1, 2))
     for layer in (result.layers[0], result.layers[-1]):
