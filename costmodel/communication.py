@@ -56,12 +56,26 @@ def _check_bytes(field: str, value: float) -> float:
 
 def _layout(ranks: Sequence[int], cluster: Cluster) -> tuple[int, int, bool]:
     """(n ranks, k nodes, uniform: the same number of ranks on every node of the group)."""
-    if len(ranks) == 0:
-        raise ValueError("a collective needs at least one rank, got an empty group")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"ranks of a collective must be distinct, got {list(ranks)}")
-    per_node = Counter(cluster.node_of(rank) for rank in ranks)
-    return len(ranks), len(per_node), len(set(per_node.values())) == 1
+    return _layout_of(tuple(ranks), cluster)
+
+
+def _layout_of(ranks: tuple[int, ...], cluster: Cluster) -> tuple[int, int, bool]:
+    # the planner prices the same few groups (up to thousands of ranks) tens of thousands of times a plan
+    key = (ranks, cluster.devices_per_node, cluster.world_size)
+    if key not in _LAYOUTS:
+        if len(ranks) == 0:
+            raise ValueError("a collective needs at least one rank, got an empty group")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"ranks of a collective must be distinct, got {list(ranks)}")
+        per_node = Counter(cluster.node_of(rank) for rank in ranks)
+        if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = len(ranks), len(per_node), len(set(per_node.values())) == 1
+    return _LAYOUTS[key]
+
+
+_LAYOUT_CACHE_SIZE = 4096
+_LAYOUTS: dict[tuple[tuple[int, ...], int, int], tuple[int, int, bool]] = {}
 
 
 def _ring_s(n: int, steps_factor: int, volume_factor: float, num_bytes: float, link: LinkSpec) -> float:

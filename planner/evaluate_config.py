@@ -250,14 +250,20 @@ class ConfigPricer:
         in_flight = self.in_flight(config)
         prefix, first = self.prefix, self.first_of_kind
         p2p = [self.p2p_s(config, start) for start in range(len(self.layers))]
+        # a segment's fit depends only on how many layers of each kind it holds: repeated blocks make most
+        # (start, end) pairs share one count vector, so the LP runs once per (in-flight, counts)
+        fits: dict[tuple[float, tuple[int, ...]], float] = {}
         memo: dict[tuple[float, int, int], float] = {}
 
         def segment_cost(stage: int, start: int, end: int) -> float:
             f = in_flight[stage]
             key = (f, start, end)
             if key not in memo:
-                groups = [(hull(first[k], f), prefix[k][end] - prefix[k][start]) for k in self.kind_order]
-                memo[key] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget) + p2p[start]
+                counts = (f, tuple(prefix[k][end] - prefix[k][start] for k in self.kind_order))
+                if counts not in fits:
+                    groups = [(hull(first[k], f), n) for k, n in zip(self.kind_order, counts[1], strict=True)]
+                    fits[counts] = fractional_fit_time_s([g for g in groups if g[1]], stage_budget)
+                memo[key] = fits[counts] + p2p[start]
             return memo[key]
 
         # stages start only where no tied parameter would be split (allowed_starts): the partitioner cuts the
