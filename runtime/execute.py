@@ -130,11 +130,39 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
         if owns_group:
             dist.destroy_process_group()
     if int(os.environ["RANK"]) == 0:
+        report.plan_dir = str(plan_dir or Path.cwd())
+        recost_on_measured_machine(report, plan, plan_dir)
         if report_path:
             report.save(report_path)
         if not quiet:
             print(report.format(), flush=True)
     return report
+
+
+def recost_on_measured_machine(report: RunReport, plan: Plan, plan_dir: Path | None) -> None:
+    """Price the plan again on the machine profile rank 0 measured in the run (CPU runs, runtime/train.py
+    `measure_machine`) and put that prediction beside the plan's in the report. The same pricer as `meshplan
+    validate` (planner/recost.py); it traces the model on the meta device once more (a few seconds)."""
+    profile = report.ranks[0].machine_profile if report.ranks else None
+    if profile is None:
+        return
+    from costmodel import Cluster
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+    from planner.recost import recost_plan
+
+    try:
+        cluster = Cluster.from_dict(profile, source="measured machine").for_world_size(plan.world_size)
+        spec = load_model_spec(plan.model.source, base_dir=plan_dir, device="meta")
+        prediction = recost_plan(plan, spec.model, build_model_graph(spec), cluster).prediction
+    except (PlanError, ValueError) as err:  # ClusterError is a ValueError
+        report.machine_note = str(err).splitlines()[0][:200]
+        return
+    report.machine_step_time_ms = prediction.step_time_ms
+    report.machine_breakdown_ms = {
+        "compute": prediction.compute_ms, "recompute": prediction.recompute_ms,
+        "communication": prediction.communication_ms, "offload": prediction.offload_ms or 0.0,
+        "optimizer": prediction.optimizer_ms, "bubble": prediction.bubble_ms}
 
 
 @contextmanager
