@@ -434,6 +434,9 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str,
                 times.append(_slowest_rank_s(seconds, device))
                 progress.step(f"{level} {collective} {kib} KiB")
             fit = fit_alpha_beta(collective, size, sizes, times)
+            if device.type == "cpu" and fit.link.bandwidth_bytes_per_s > bandwidth:
+                # gloo between processes of one host copies through memory: a faster fit is noise on a flat line
+                fit = dataclasses.replace(fit, link=LinkSpec(bandwidth, fit.link.latency_s))
             measured = ", ".join(f"{m / 1024:.0f} KiB {t * 1e6:.0f} us" for m, t in zip(sizes, times, strict=True))
             fits[collective] = LinkSpec(_rounded(fit.link.bandwidth_bytes_per_s), _rounded(fit.link.latency_s))
             lines.append(f"{level:<11}{collective:<15} n={size:<3} latency {fits[collective].latency_s * 1e6:9.1f} us"
