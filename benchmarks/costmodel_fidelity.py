@@ -31,7 +31,7 @@ from pathlib import Path
 
 from costmodel import load_cluster
 from meshplan import execute
-from meshplan.tune import Pricer, free_terms, load_run, theta_of, tune_from_runs, with_theta
+from meshplan.tune import Pricer, free_terms, load_run, theta_of, tune_from_runs
 from planner.api import plan, plan_from_search
 from planner.config_space import ParallelConfig
 from planner.evaluate_config import ConfigPricer
@@ -131,7 +131,7 @@ def main() -> int:
         pricer = Pricer([run for _, run, _ in loaded]) if loaded else None
         rows, time_errors, memory_errors = [], [], []
         for name, run, report in loaded:
-            predicted = pricer.step_ms(run, with_theta(run.machine, terms, theta))
+            predicted = pricer.run_ms(run, tuned, terms, theta, on_measured_machine=True)
             t_err = error(predicted, report.measured_step_time_ms)
             m_err = error(report.predicted_peak_memory_mib, report.measured_peak_memory_mib)
             time_errors.append(abs(t_err))

@@ -62,7 +62,8 @@ class Run:
     path: str
     plan: Plan
     measured_ms: float
-    machine: Cluster | None
+    machines: list[Cluster]
+    """The machine profiles measured in the run (CPU runs: before and after the timed steps), else empty."""
     plan_dir: str
 
     @property
@@ -93,12 +94,13 @@ def load_run(path: str) -> Run:
     if isinstance(measured, bool) or not isinstance(measured, (int, float)) or not math.isfinite(measured) \
             or measured <= 0:
         raise PlanError(f"{path}: measured_step_time_ms is {measured!r}; the run timed no step (use --steps >= 3)")
-    machine = None
+    machines = []
     ranks = data["ranks"] if isinstance(data["ranks"], list) else []
-    profile = ranks[0].get("machine_profile") if ranks and isinstance(ranks[0], dict) else None
-    if profile is not None:
-        machine = Cluster.from_dict(profile, source=f"{path}: ranks[0].machine_profile")
-    return Run(path, plan, float(measured), machine, str(data.get("plan_dir") or ""))
+    for key in ("machine_profile_before", "machine_profile"):
+        profile = ranks[0].get(key) if ranks and isinstance(ranks[0], dict) else None
+        if profile is not None:
+            machines.append(Cluster.from_dict(profile, source=f"{path}: ranks[0].{key}"))
+    return Run(path, plan, float(measured), machines, str(data.get("plan_dir") or ""))
 
 
 def check_runs(runs: list[Run], base: Cluster) -> None:
@@ -139,6 +141,14 @@ class Pricer:
 
         sized = cluster.for_world_size(run.plan.world_size)
         return recost_plan(run.plan, self.model, self.graph, sized).prediction.step_time_ms
+
+    def run_ms(self, run: Run, base: Cluster, terms: list[str], theta: list[float], on_measured_machine: bool,
+               ) -> float:
+        """The run's plan priced with the fitted terms `theta` on the base, or on each machine measured in the
+        run (geometric mean over them, as `execute` reports it)."""
+        starts = run.machines if on_measured_machine and run.machines else [base]
+        logs = [math.log(self.step_ms(run, with_theta(start, terms, theta))) for start in starts]
+        return math.exp(sum(logs) / len(logs))
 
 
 def _load_spec(run: Run):
@@ -206,12 +216,9 @@ def fit_terms(runs: list[Run], base: Cluster, pricer: Pricer, on_measured_machin
     terms = free_terms(base)
     theta0 = theta_of(base, terms)
 
-    def profile_for(run: Run, theta: list[float]) -> Cluster:
-        start = run.machine if on_measured_machine and run.machine is not None else base
-        return with_theta(start, terms, theta)
-
     def residuals(theta: list[float]) -> list[float]:
-        out = [math.log(pricer.step_ms(run, profile_for(run, theta)) / run.measured_ms) for run in runs]
+        out = [math.log(pricer.run_ms(run, base, terms, theta, on_measured_machine) / run.measured_ms)
+               for run in runs]
         return out + [math.sqrt(RIDGE) * (a - b) for a, b in zip(theta, theta0, strict=True)]
 
     theta = list(theta0)
@@ -260,19 +267,17 @@ def tune_from_runs(paths: list[str], base_name: str, out: str, on_measured_machi
     base = load_cluster(base_name)
     runs = [load_run(path) for path in paths]
     check_runs(runs, base)
-    if on_measured_machine and any(run.machine is None for run in runs):
-        missing = ", ".join(run.path for run in runs if run.machine is None)
+    if on_measured_machine and any(not run.machines for run in runs):
+        missing = ", ".join(run.path for run in runs if not run.machines)
         raise PlanError(f"--on-measured-machine needs runs that measured their machine (CPU runs); {missing} did "
                         "not (GPU run, or MESHPLAN_MEASURE_MACHINE=0)")
     pricer = Pricer(runs)
 
-    def start(run: Run) -> Cluster:
-        return run.machine if on_measured_machine else base
-
-    before = [pricer.step_ms(run, start(run)) for run in runs]
+    terms = free_terms(base)
+    before = [pricer.run_ms(run, base, terms, theta_of(base, terms), on_measured_machine) for run in runs]
     fit = fit_terms(runs, base, pricer, on_measured_machine)
     tuned = with_theta(base, fit.terms, fit.theta)
-    after = [pricer.step_ms(run, with_theta(start(run), fit.terms, fit.theta)) for run in runs]
+    after = [pricer.run_ms(run, base, fit.terms, fit.theta, on_measured_machine) for run in runs]
     held_out: list[float | None] = []
     for i, run in enumerate(runs):
         others = runs[:i] + runs[i + 1:]
@@ -280,7 +285,7 @@ def tune_from_runs(paths: list[str], base_name: str, out: str, on_measured_machi
             held_out.append(None)
             continue
         loo = fit_terms(others, base, pricer, on_measured_machine)
-        predicted = pricer.step_ms(run, with_theta(start(run), loo.terms, loo.theta))
+        predicted = pricer.run_ms(run, base, loo.terms, loo.theta, on_measured_machine)
         held_out.append((predicted - run.measured_ms) / run.measured_ms)
 
     def err(predicted: float, run: Run) -> float:

@@ -58,6 +58,9 @@ class RankResult:
     machine_profile: dict | None = None
     """Rank 0 of a CPU run: the cluster profile measured inside the run after its steps (YAML form;
     `measure_machine`), which the report re-costs the plan on. None elsewhere or when switched off."""
+    machine_profile_before: dict | None = None
+    """The same, measured just before the timed steps (runs of 3 steps or more): the load of a shared host
+    changes within seconds, so the report prices the plan on both and takes the geometric mean."""
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -232,6 +235,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     probe = PeakMemoryProbe(device)
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
+    machine_before = None
     for step in range(start_step, steps):
         enter(step, "data")
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
@@ -253,6 +257,9 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         enter(step, "loss all-reduce")
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
+        if step == tracked_step and step + 1 < steps and tracked_step > start_step:
+            enter(step, "measure machine")
+            machine_before = measure_machine(plan, device)
         if checkpoint is not None and (step + 1 == steps or (checkpoint.every and (step + 1) % checkpoint.every == 0)):
             enter(step, "checkpoint")
             save_checkpoint(checkpoint.directory, step + 1, model, optimizer, plan)
@@ -262,7 +269,8 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
                       peak_memory_bytes=probe.result.peak_bytes,
                       memory_breakdown_bytes=probe.result.breakdown_bytes, every_step_time_s=every_time,
                       tracked_step=tracked_step, first_step=start_step,
-                      machine_profile=machine if dist.get_rank() == 0 else None)
+                      machine_profile=machine if dist.get_rank() == 0 else None,
+                      machine_profile_before=machine_before if dist.get_rank() == 0 else None)
 
 
 MEASURE_MACHINE_ENV = "MESHPLAN_MEASURE_MACHINE"

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from meshplan.cli import main
 from meshplan.tune import Pricer, load_run
 from planner.api import plan
 from runtime.execute import execute
+from runtime.train import MEASURE_MACHINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = f"{ROOT}/examples/gpt.py:build_gpt"
@@ -33,7 +35,15 @@ def pinned_plan(mesh: tuple[int, int, int]):
 def real_report(tmp_path_factory) -> Path:
     """One real run: dp2 on 2 CPU ranks, 3 steps; the report carries the plan and the machine measured in it."""
     path = tmp_path_factory.mktemp("runs") / "dp2.json"
-    execute(pinned_plan((1, 2, 1)), steps=3, report_path=path, quiet=True)
+    saved = os.environ.get(MEASURE_MACHINE_ENV)
+    os.environ[MEASURE_MACHINE_ENV] = "1"  # tests/conftest.py switches it off for the other tests
+    try:
+        execute(pinned_plan((1, 2, 1)), steps=3, report_path=path, quiet=True)
+    finally:
+        if saved is None:
+            os.environ.pop(MEASURE_MACHINE_ENV)
+        else:
+            os.environ[MEASURE_MACHINE_ENV] = saved
     return path
 
 
@@ -48,7 +58,7 @@ def synthetic_report(real: Path, out: Path, mesh: tuple[int, int, int], pricer: 
     data = json.loads(real.read_text())
     data["plan_yaml"] = pinned_plan(mesh).to_yaml()
     data["mesh"] = {"pp": mesh[0], "dp": mesh[1], "tp": mesh[2]}
-    data["ranks"][0]["machine_profile"] = None
+    data["ranks"][0]["machine_profile"] = data["ranks"][0]["machine_profile_before"] = None
     out.write_text(json.dumps(data))
     run = load_run(str(out))
     truth = dataclasses.replace(load_cluster("cpu"), step_scale=TRUE_SCALE)
@@ -61,8 +71,9 @@ def synthetic_report(real: Path, out: Path, mesh: tuple[int, int, int], pricer: 
 def test_report_records_the_plan_and_the_machine_and_from_runs_reads_it(real_report, tmp_path, capsys):
     data = json.loads(real_report.read_text())
     assert data["plan_yaml"] and data["model_fingerprint"]
-    machine = data["ranks"][0]["machine_profile"]
-    assert machine["device_type"] == "cpu" and machine["kernel_overhead_us"] > 0
+    for key in ("machine_profile_before", "machine_profile"):  # before and after the timed steps
+        machine = data["ranks"][0][key]
+        assert machine["device_type"] == "cpu" and machine["kernel_overhead_us"] > 0
     assert data["machine_step_time_ms"] > 0  # the plan re-costed on the machine measured in the run
     out = tmp_path / "tuned.yaml"
     assert main(["calibrate", "--from-runs", str(real_report), "--cluster", "cpu", "--out", str(out),
