@@ -53,7 +53,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, load_cluster, save_cluster
+from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, StepScale, load_cluster, save_cluster
 from .progress import ENV as PROGRESS_ENV
 from .progress import Progress
 
@@ -61,6 +61,11 @@ _QUICK = {"matmul_sizes": (32, 128, 384), "copy_mib": (0.0625, 1, 16), "message_
           "repeats": 3, "min_time_s": 0.02}
 _FULL = {"matmul_sizes": (64, 128, 256, 512, 1024, 2048), "copy_mib": (0.0625, 1, 16, 64),
          "message_kib": (4, 64, 512, 2048, 8192, 32768), "repeats": 5, "min_time_s": 0.1}
+_IN_RUN = {"matmul_sizes": (32, 128, 256), "copy_mib": (0.0625, 1, 8), "message_kib": (4, 64, 512),
+           "repeats": 5, "min_time_s": 0.01, "statistic": "median"}
+"""What `execute` measures inside a CPU run after its training steps (`measure_in_run`): a second or two, in the
+ranks' own processes, so the numbers carry the core sharing the run had. The median of the repeats, not the
+minimum: the step time the run reports is a median under the same contention."""
 _CUDA_EXTRA_SIZES = (4096, 8192)
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -86,10 +91,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, min_time_s: float) -> float:
+def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, min_time_s: float,
+                statistic: str = "min") -> float:
     """Fastest over `repeats` of the mean time of one call, each repeat looping long enough to last min_time_s.
 
-    The minimum, as `timeit` recommends: on a shared host the slower repeats measure other processes."""
+    The minimum, as `timeit` recommends: on a shared host the slower repeats measure other processes.
+    statistic="median" takes the median repeat instead (what a run sharing the host with them sees)."""
     fn()
     _synchronize(device)
     start = time.perf_counter()
@@ -105,7 +112,7 @@ def time_call_s(fn: Callable[[], object], device: torch.device, repeats: int, mi
             fn()
         _synchronize(device)
         samples.append((time.perf_counter() - start) / loops)
-    return min(samples)
+    return statistics.median(samples) if statistic == "median" else min(samples)
 
 
 def _slowest_rank_s(seconds: float, device: torch.device, group=None) -> float:
@@ -151,7 +158,8 @@ def measure_kernel_overhead_s(device: torch.device, settings: dict) -> float:
     counter = _CountOps()
     with counter:
         step()
-    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"])
+    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
     return seconds / max(counter.count, 1)
 
 
@@ -173,7 +181,8 @@ def measure_dtensor_op_overhead_s(device: torch.device, settings: dict) -> float
     def step():
         model(x_dtensor).sum().backward()
 
-    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"])
+    seconds = time_call_s(step, device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
     return seconds / max(counter.count, 1)
 
 
@@ -189,21 +198,24 @@ def measure_optimizer_tensor_overhead_s(device: torch.device, settings: dict) ->
         param.grad = distribute_tensor(torch.ones(dist.get_world_size() * 4, 4, device=device), mesh, [Shard(0)])
         params.append(param)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    seconds = time_call_s(optimizer.step, device, settings["repeats"], settings["min_time_s"])
+    seconds = time_call_s(optimizer.step, device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
     return seconds / num_tensors
 
 
 def measure_matmul_s(n: int, dtype: torch.dtype, device: torch.device, settings: dict) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return time_call_s(lambda: torch.mm(a, b), device, settings["repeats"], settings["min_time_s"])
+    return time_call_s(lambda: torch.mm(a, b), device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
 
 
 def measure_copy_s(num_bytes: int, device: torch.device, settings: dict) -> float:
     numel = max(1, num_bytes // 4)
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
-    return time_call_s(lambda: dst.copy_(src), device, settings["repeats"], settings["min_time_s"])
+    return time_call_s(lambda: dst.copy_(src), device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
 
 
 def measure_host_copy_s(num_bytes: int, device: torch.device, settings: dict) -> float:
@@ -211,7 +223,8 @@ def measure_host_copy_s(num_bytes: int, device: torch.device, settings: dict) ->
     numel = max(1, num_bytes // 4)
     host = torch.ones(numel).pin_memory()
     dst = torch.empty(numel, device=device)
-    return time_call_s(lambda: dst.copy_(host, non_blocking=True), device, settings["repeats"], settings["min_time_s"])
+    return time_call_s(lambda: dst.copy_(host, non_blocking=True), device, settings["repeats"], settings["min_time_s"],
+                       settings.get("statistic", "min"))
 
 
 def measure_collective_s(collective: str, message_bytes: int, group, group_size: int, device: torch.device,
@@ -323,10 +336,11 @@ def default_base(device: torch.device) -> str:
     return "a100-80g"
 
 
-def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) -> tuple[Cluster, list[str]]:
+def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str,
+                   settings: dict | None = None) -> tuple[Cluster, list[str]]:
     """Measure on every rank (process group initialised, or world size 1) and return the new profile and the
-    summary lines. Every rank returns the same profile."""
-    settings = dict(_QUICK if quick else _FULL)
+    summary lines. Every rank returns the same profile. `settings` replaces the quick / full sizes."""
+    settings = dict(settings if settings is not None else _QUICK if quick else _FULL)
     if device.type == "cuda" and not quick:
         settings["matmul_sizes"] = (*settings["matmul_sizes"], *_CUDA_EXTRA_SIZES)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -347,7 +361,7 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
 
     one = torch.ones(1, device=device)
     bare_s = _slowest_rank_s(time_call_s(lambda: torch.add(one, one), device, settings["repeats"],
-                                         settings["min_time_s"]), device)
+                                         settings["min_time_s"], settings.get("statistic", "min")), device)
     overhead_s = _slowest_rank_s(measure_kernel_overhead_s(device, settings), device)
     progress.step("per-op overhead (tiny training step)")
     optimizer_overhead_s = _slowest_rank_s(measure_optimizer_tensor_overhead_s(device, settings), device)
@@ -420,6 +434,9 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
                 times.append(_slowest_rank_s(seconds, device))
                 progress.step(f"{level} {collective} {kib} KiB")
             fit = fit_alpha_beta(collective, size, sizes, times)
+            if device.type == "cpu" and fit.link.bandwidth_bytes_per_s > bandwidth:
+                # gloo between processes of one host copies through memory: a faster fit is noise on a flat line
+                fit = dataclasses.replace(fit, link=LinkSpec(bandwidth, fit.link.latency_s))
             measured = ", ".join(f"{m / 1024:.0f} KiB {t * 1e6:.0f} us" for m, t in zip(sizes, times, strict=True))
             fits[collective] = LinkSpec(_rounded(fit.link.bandwidth_bytes_per_s), _rounded(fit.link.latency_s))
             lines.append(f"{level:<11}{collective:<15} n={size:<3} latency {fits[collective].latency_s * 1e6:9.1f} us"
@@ -444,6 +461,39 @@ def calibrate_rank(base: Cluster, device: torch.device, quick: bool, name: str) 
         collective_links={**base.collective_links, **overrides})
     progress.finish(f"measured {progress.done} quantities")
     return profile, lines
+
+
+def measure_in_run(base: Cluster, device: torch.device) -> tuple[Cluster, list[str]]:
+    """This machine as a running job sees it: the calibration above with the `_IN_RUN` sizes, measured in the
+    job's own ranks (process group initialised; every rank calls it and gets the same profile). `execute` calls
+    it after the training steps of a CPU plan and re-costs the plan on the result, because on CPU processes
+    the speed of a rank depends on how many processes share the cores at that moment (the ranks, and whatever
+    else runs on the host), which no preset can know. Fields not measured are kept from `base`."""
+    profile, lines = calibrate_rank(base, device, quick=True, name=f"{base.name}-measured", settings=_IN_RUN)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    scale, where = base.step_scale, f"base {base.name!r}"
+    if scale.is_identity and device.type == "cpu":
+        scale, where = in_run_step_scale(), f"costmodel/fitted/{_IN_RUN_SCALE_FILE}"
+    description = (f"measured by `meshplan execute` inside a run of {world} rank(s) on {socket.gethostname()} "
+                   f"(torch {torch.__version__}; median of {_IN_RUN['repeats']} repeats) from base {base.name!r}; "
+                   f"step_scale from {where}")
+    return dataclasses.replace(profile, description=description, step_scale=scale), lines
+
+
+_IN_RUN_SCALE_FILE = "cpu_in_run.yaml"
+
+
+def in_run_step_scale() -> StepScale:
+    """The step scale fitted for CPU profiles measured inside runs (costmodel/fitted/cpu_in_run.yaml, written by
+    `meshplan calibrate --from-runs` over the runs it names), used when the plan's profile has none of its own."""
+    from importlib.resources import files
+
+    import yaml
+
+    from .cluster import _step_scale_from_dict
+
+    data = yaml.safe_load((files("costmodel") / "fitted" / _IN_RUN_SCALE_FILE).read_text(encoding="utf-8"))
+    return _step_scale_from_dict(_IN_RUN_SCALE_FILE, data["step_scale"])
 
 
 def format_summary(profile: Cluster, lines: list[str], out: str) -> str:

@@ -75,7 +75,7 @@ _REQUIRED_KEYS = (
 _OPTIONAL_KEYS = ("description",)
 _V2_REQUIRED_KEYS = (*_REQUIRED_KEYS, "memory_efficiency", "kernel_overhead_us", "overlap")
 _V2_OPTIONAL_KEYS = ("description", "host_link", "collectives", "optimizer_tensor_overhead_us",
-                     "dtensor_op_overhead_us")
+                     "dtensor_op_overhead_us", "step_scale")
 
 
 class ClusterError(ValueError):
@@ -301,6 +301,42 @@ class OverlapSpec:
             object.__setattr__(self, name, float(value))
 
 
+STEP_SCALE_KINDS = ("compute", "host_overhead", "communication", "optimizer")
+"""Step-level terms a profile may scale (`StepScale`), fitted from measured runs by `calibrate --from-runs`."""
+
+
+@dataclass(frozen=True)
+class StepScale:
+    """Multipliers on the time terms of a training step, each > 0 (1 = the profile's numbers as they are).
+
+    What a micro-benchmark calibration cannot see and a whole step shows: the same ops run slower inside a
+    training step than alone in a loop (caches shared with other layers, allocator, hooks of FSDP2 / DTensor /
+    pipelining between ops, a core shared with other ranks). `meshplan calibrate --from-runs` fits them by least
+    squares over measured runs (meshplan/tune.py). Applied by the formulas that read the profile:
+    """
+
+    compute: float = 1.0
+    """Device time of every op (the roofline term of `costmodel.compute.op_time_s`)."""
+    host_overhead: float = 1.0
+    """Per-op host time: kernel_overhead_s and dtensor_op_overhead_s."""
+    communication: float = 1.0
+    """Every collective and send (`Cluster.link` scales latency up and bandwidth down by it)."""
+    optimizer: float = 1.0
+    """The optimizer step (`costmodel.compute.optimizer_step_time_s`)."""
+
+    def __post_init__(self) -> None:
+        for name in STEP_SCALE_KINDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                _fail("<StepScale>", name, "a finite number > 0", value)
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def is_identity(self) -> bool:
+        return all(getattr(self, name) == 1.0 for name in STEP_SCALE_KINDS)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """A homogeneous cluster: `num_nodes` hosts with `devices_per_node` identical devices each.
@@ -381,6 +417,9 @@ class Cluster:
     overlap: OverlapSpec = OverlapSpec()
     """How much of each kind of communication hides behind compute."""
 
+    step_scale: StepScale = StepScale()
+    """Step-level multipliers fitted from measured runs (`StepScale`); all 1 unless a profile says otherwise."""
+
     def __post_init__(self) -> None:
         source = self.name if isinstance(self.name, str) and self.name else "<Cluster>"
         _check_text(source, "name", self.name)
@@ -423,6 +462,8 @@ class Cluster:
             _fail(source, "overlap", "an OverlapSpec", self.overlap)
         if not isinstance(self.description, str):
             _fail(source, "description", "a string", self.description)
+        if not isinstance(self.step_scale, StepScale):
+            _fail(source, "step_scale", "a StepScale", self.step_scale)
 
     def __hash__(self) -> int:  # the dict fields would make the generated hash fail
         links = tuple(sorted((lv, tuple(sorted(t.items()))) for lv, t in self.collective_links.items()))
@@ -432,7 +473,7 @@ class Cluster:
                      self.memory_bandwidth_bytes_per_s, self.intra_node, self.inter_node, self.description,
                      self.memory_efficiency, self.kernel_overhead_s, self.optimizer_tensor_overhead_s,
                      self.dtensor_op_overhead_s,
-                     self.host_link, links, self.overlap))
+                     self.host_link, links, self.overlap, self.step_scale))
 
     @property
     def world_size(self) -> int:
@@ -476,7 +517,11 @@ class Cluster:
         if level not in LINK_LEVELS:
             raise ValueError(f"link level must be one of {', '.join(LINK_LEVELS)}, got {level!r}")
         override = self.collective_links.get(level, {}).get(collective) if collective else None
-        return override or getattr(self, level)
+        link = override or getattr(self, level)
+        scale = self.step_scale.communication
+        if scale == 1.0:
+            return link
+        return LinkSpec(link.bandwidth_bytes_per_s / scale, link.latency_s * scale)
 
     def link_for(self, ranks: Sequence[int], collective: str | None = None) -> LinkSpec:
         """intra_node when every rank of the group is on one node, else inter_node (the slowest level).
@@ -517,6 +562,8 @@ class Cluster:
             data["collectives"] = {level: {c: _link_to_dict(link) for c, link in table.items()}
                                    for level, table in self.collective_links.items()}
         data["overlap"] = {name: getattr(self.overlap, name) for name in OVERLAP_KINDS}
+        if not self.step_scale.is_identity:
+            data["step_scale"] = {name: getattr(self.step_scale, name) for name in STEP_SCALE_KINDS}
         return data
 
     @classmethod
@@ -566,6 +613,7 @@ class Cluster:
                     _US_PER_S, inverse=True),
                 overlap=_overlap_from_dict(source, data["overlap"]),
                 collective_links=_collectives_from_dict(source, data.get("collectives", {})),
+                step_scale=_step_scale_from_dict(source, data.get("step_scale", {})),
             )
             if data.get("host_link") is not None:
                 extra["host_link"] = _link_from_dict(source, "host_link", data["host_link"])
@@ -621,6 +669,18 @@ def _overlap_from_dict(source: str, value: object) -> OverlapSpec:
             _fail(source, f"overlap.{name}", "a number in [0, 1] (0 = no overlap, 1 = fully hidden)", number)
         fractions[name] = float(number)
     return OverlapSpec(**fractions)
+
+
+def _step_scale_from_dict(source: str, value: object) -> StepScale:
+    data = _check_mapping(source, "step_scale", value)
+    _check_keys(source, "step_scale.", data, (), STEP_SCALE_KINDS)
+    scales = {}
+    for name, number in data.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or number <= 0:
+            _fail(source, f"step_scale.{name}", "a number > 0 (1 = unscaled)", number)
+        scales[name] = float(number)
+    return StepScale(**scales)
 
 
 def _collectives_from_dict(source: str, value: object) -> dict[str, dict[str, LinkSpec]]:

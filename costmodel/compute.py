@@ -45,7 +45,8 @@ def op_time_s(flops: float, bytes_accessed: float, cluster: Cluster, dtype: str 
     """Seconds for one op doing `flops` FLOPs and moving `bytes_accessed` bytes of device memory.
 
     max(flops / (peak * e_mm(flops) if is_matmul else peak), bytes / (bandwidth * e_mem(bytes))), plus
-    cluster.kernel_overhead_s when include_overhead. `peak` is cluster.peak_flops_per_s[dtype], falling back
+    cluster.kernel_overhead_s when include_overhead, each times the profile's step_scale (compute,
+    host_overhead; 1 unless fitted from runs). `peak` is cluster.peak_flops_per_s[dtype], falling back
     to the float32 peak (and curve) when the profile does not list `dtype`. Units: FLOPs, bytes -> seconds.
     Blind spot: the curves are indexed by the size of this call, so pass one op at a time; summing many ops
     into one call prices them as one big op (too efficient).
@@ -62,8 +63,8 @@ def op_time_s(flops: float, bytes_accessed: float, cluster: Cluster, dtype: str 
     if bytes_accessed:
         memory_s = bytes_accessed / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_efficiency.at(
             bytes_accessed))
-    overhead_s = cluster.kernel_overhead_s if include_overhead else 0.0
-    return max(compute_s, memory_s) + overhead_s
+    overhead_s = cluster.kernel_overhead_s * cluster.step_scale.host_overhead if include_overhead else 0.0
+    return max(compute_s, memory_s) * cluster.step_scale.compute + overhead_s
 
 
 def issued_time_s(device_s: float, host_s: float, cluster: Cluster) -> float:
@@ -87,7 +88,7 @@ def kernel_overhead_time_s(num_ops: float, cluster: Cluster) -> float:
     Blind spot: on CPU eager mode the overhead of DTensor/FSDP hooks per op is larger than a plain op's; the
     calibrated number is a plain tiny op.
     """
-    return _check_amount("num_ops", num_ops) * cluster.kernel_overhead_s
+    return _check_amount("num_ops", num_ops) * cluster.kernel_overhead_s * cluster.step_scale.host_overhead
 
 
 def recompute_time_s(forward_time_s: float) -> float:
@@ -123,7 +124,7 @@ def optimizer_step_time_s(num_params: int, cluster: Cluster, bytes_per_param_tou
     """Seconds for a memory-bound optimizer update of `num_params` parameters on one device.
 
     num_params * bytes_per_param / (memory_bandwidth * e_mem(total bytes))
-        + num_tensors * optimizer_tensor_overhead_s.
+        + num_tensors * optimizer_tensor_overhead_s, times step_scale.optimizer.
     bytes_per_param is `optimizer_bytes_per_param(optimizer, param_dtype, master_weights)` when `optimizer`
     is given, else `bytes_per_param_touched` (default 32 B/param: the skeleton's AdamW figure, kept for old
     callers). Pass num_params per shard under ZeRO and num_tensors = number of parameter tensors; the
@@ -143,7 +144,7 @@ def optimizer_step_time_s(num_params: int, cluster: Cluster, bytes_per_param_tou
         memory_s = total / (cluster.memory_bandwidth_bytes_per_s * cluster.memory_efficiency.at(total))
     if isinstance(num_tensors, bool) or not isinstance(num_tensors, int) or num_tensors < 0:
         raise ValueError(f"num_tensors must be an integer >= 0, got {num_tensors!r}")
-    return memory_s + num_tensors * cluster.optimizer_tensor_overhead_s
+    return (memory_s + num_tensors * cluster.optimizer_tensor_overhead_s) * cluster.step_scale.optimizer
 
 
 def host_transfer_time_s(num_bytes: float, cluster: Cluster) -> float:

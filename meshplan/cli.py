@@ -7,6 +7,7 @@
     meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
                      [--max-restarts N] [--timeout-s S] [--cluster NAME_OR_YAML]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
+    meshplan calibrate --from-runs R1.json R2.json ... --cluster base.yaml --out tuned.yaml
 
 User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2; a
 training job that fails after it started (a rank died or hung) prints which ranks failed and exits 1.
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     from costmodel.calibrate import add_arguments
 
     add_arguments(c)
+    c.add_argument("--from-runs", nargs="+", metavar="REPORT.json",
+                   help="instead of measuring: fit the step-level terms of --cluster to these `execute --report-json` "
+                        "runs (least squares; prints each run's error before and after, and leave-one-out)")
+    c.add_argument("--cluster", help="with --from-runs: the profile the runs are re-costed on and --out starts from")
+    c.add_argument("--on-measured-machine", action="store_true",
+                   help="with --from-runs: re-cost each CPU run on the machine profile measured inside it")
     return parser
 
 
@@ -188,9 +195,23 @@ def run(args: argparse.Namespace) -> int:
             execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet,
                     max_restarts=args.max_restarts, timeout_s=timeout_s, cluster=args.cluster, **checkpoint_kwargs)
         return 0
+    if args.command == "calibrate" and args.from_runs:
+        from meshplan.tune import tune_from_runs
+
+        base = args.cluster or args.base
+        if base is None:
+            raise PlanError("calibrate --from-runs: give --cluster NAME_OR_YAML, the profile the runs are re-costed "
+                            "on (the one they were planned on, or a calibrated one)")
+        name = None if args.name == "calibrated" else args.name
+        _, text = tune_from_runs(args.from_runs, base, args.out, args.on_measured_machine, name)
+        print(text)
+        return 0
     if args.command == "calibrate":
         from costmodel.calibrate import calibrate
 
+        if args.cluster is not None or args.on_measured_machine:
+            raise PlanError("calibrate: --cluster and --on-measured-machine go with --from-runs (to measure this "
+                            "machine starting from a profile, use --base)")
         calibrate(args)
         return 0
     raise AssertionError(args.command)

@@ -265,7 +265,8 @@ def _compute_times_s(layer: LayerFacts, shard: int, batch_scale: float, bytes_sc
         moved = op.activation_bytes if op.is_matmul else op.bytes_accessed
         seconds = op_time_s(op.flops * batch_scale / divisor, moved * bytes_scale / divisor, cluster,
                             param_dtype, is_matmul=op.is_matmul)
-        issue_s = cluster.dtensor_op_overhead_s if on_dtensors else cluster.kernel_overhead_s
+        issue_s = (cluster.dtensor_op_overhead_s if on_dtensors else cluster.kernel_overhead_s) \
+            * cluster.step_scale.host_overhead
         phases = [op.phase] + (["forward_memory"] if op.phase == "forward" and not op.is_matmul else [])
         for phase in phases:
             device[phase] += seconds

@@ -130,11 +130,46 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
         if owns_group:
             dist.destroy_process_group()
     if int(os.environ["RANK"]) == 0:
+        report.plan_dir = str(plan_dir or Path.cwd())
+        recost_on_measured_machine(report, plan, plan_dir)
         if report_path:
             report.save(report_path)
         if not quiet:
             print(report.format(), flush=True)
     return report
+
+
+def recost_on_measured_machine(report: RunReport, plan: Plan, plan_dir: Path | None) -> None:
+    """Price the plan again on the machine profiles rank 0 measured in the run (CPU runs, runtime/train.py
+    `measure_machine`: before and after the timed steps; the geometric mean of the two predictions) and put
+    that prediction beside the plan's in the report. The same pricer as `meshplan
+    validate` (planner/recost.py); it traces the model on the meta device once more (a few seconds)."""
+    profiles = [p for p in (report.ranks[0].machine_profile_before, report.ranks[0].machine_profile)
+                if p is not None] if report.ranks else []
+    if not profiles:
+        return
+    from costmodel import Cluster
+    from planner.model_graph import build_model_graph
+    from planner.model_spec import load_model_spec
+    from planner.recost import recost_plan
+
+    try:
+        spec = load_model_spec(plan.model.source, base_dir=plan_dir, device="meta")
+        graph = build_model_graph(spec)
+        predictions = [recost_plan(plan, spec.model, graph, Cluster.from_dict(
+            profile, source="measured machine").for_world_size(plan.world_size)).prediction for profile in profiles]
+    except (PlanError, ValueError) as err:  # ClusterError is a ValueError
+        report.machine_note = str(err).splitlines()[0][:200]
+        return
+
+    def geometric_mean(values: list[float]) -> float:
+        return math.exp(sum(math.log(max(v, 1e-12)) for v in values) / len(values))
+
+    report.machine_step_time_ms = geometric_mean([p.step_time_ms for p in predictions])
+    report.machine_breakdown_ms = {
+        name: geometric_mean([getattr(p, field) or 0.0 for p in predictions]) for name, field in (
+            ("compute", "compute_ms"), ("recompute", "recompute_ms"), ("communication", "communication_ms"),
+            ("offload", "offload_ms"), ("optimizer", "optimizer_ms"), ("bubble", "bubble_ms"))}
 
 
 @contextmanager

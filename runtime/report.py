@@ -30,6 +30,18 @@ class RunReport:
     """One line: data-parallel kind, precision, micro-batches, checkpointed and offloaded layers."""
     predicted_breakdown_mib: dict[str, float] = field(default_factory=dict)
     """Predicted parameters / gradients / optimizer states / activations, keyed like MemTracker's categories."""
+    plan_yaml: str = ""
+    """The plan that ran, as its YAML (what `meshplan calibrate --from-runs` re-costs)."""
+    model_fingerprint: str = ""
+    """The plan's model graph fingerprint (`--from-runs` refuses to mix models)."""
+    plan_dir: str = ""
+    """The folder a relative MODEL path in the plan is resolved from (the plan file's folder when it ran)."""
+    machine_step_time_ms: float | None = None
+    """The plan re-costed on this machine as the run measured it (CPU runs: `machine_profile` of rank 0)."""
+    machine_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    """The parts of `machine_step_time_ms`: compute, recompute, communication, offload, optimizer, bubble."""
+    machine_note: str = ""
+    """Why the plan was not re-costed on the measured machine, when it was measured but could not be."""
 
     @classmethod
     def from_ranks(cls, plan, steps: int, ranks: list[RankResult]) -> RunReport:
@@ -45,7 +57,18 @@ class RunReport:
                    measured_step_time_ms=max(median_step_time_s(r) for r in ranks) * 1e3,
                    predicted_peak_memory_mib=plan.predicted.peak_memory_mib,
                    measured_peak_memory_mib=max(r.peak_memory_bytes for r in ranks) / MIB, ranks=ranks,
-                   setup=describe_setup(plan), predicted_breakdown_mib=breakdown)
+                   setup=describe_setup(plan), predicted_breakdown_mib=breakdown, plan_yaml=plan.to_yaml(),
+                   model_fingerprint=plan.model.fingerprint)
+
+    @property
+    def cluster_name(self) -> str:
+        """Name of the cluster profile the plan was priced on ("" for reports without the plan)."""
+        if not self.plan_yaml:
+            return ""
+        import yaml
+
+        data = yaml.safe_load(self.plan_yaml)
+        return str(data.get("cluster", {}).get("name", "")) if isinstance(data, dict) else ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -82,7 +105,14 @@ class RunReport:
                 error_text = f"{'exact' if predicted == 0 else 'n/a':>9}"
             return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error_text}"
 
-        lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms))
+        cluster_name = self.cluster_name
+        lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms)
+                     + (f"  as planned, on {cluster_name!r}" if cluster_name else ""))
+        if self.machine_step_time_ms is not None:
+            lines.append(row("  on this machine", self.machine_step_time_ms, self.measured_step_time_ms)
+                         + "  re-costed on the machine as measured in this run")
+        elif self.machine_note:
+            lines.append(f"  (not re-costed on the measured machine: {self.machine_note})")
         lines.append(row("peak memory (MiB/rank)", self.predicted_peak_memory_mib, self.measured_peak_memory_mib))
         fullest = max(self.ranks, key=lambda r: r.peak_memory_bytes) if self.ranks else None
         if fullest is not None and fullest.memory_breakdown_bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -54,6 +55,12 @@ class RankResult:
     """The step whose peak memory was measured."""
     first_step: int = 0
     """The step `losses[0]` belongs to: 0, or the checkpoint's step when resumed."""
+    machine_profile: dict | None = None
+    """Rank 0 of a CPU run: the cluster profile measured inside the run after its steps (YAML form;
+    `measure_machine`), which the report re-costs the plan on. None elsewhere or when switched off."""
+    machine_profile_before: dict | None = None
+    """The same, measured just before the timed steps (runs of 3 steps or more): the load of a shared host
+    changes within seconds, so the report prices the plan on both and takes the geometric mean."""
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -228,6 +235,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     probe = PeakMemoryProbe(device)
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
+    machine_before = None
     for step in range(start_step, steps):
         enter(step, "data")
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
@@ -249,13 +257,40 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         enter(step, "loss all-reduce")
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
+        if step == tracked_step and step + 1 < steps and tracked_step > start_step:
+            enter(step, "measure machine")
+            machine_before = measure_machine(plan, device)
         if checkpoint is not None and (step + 1 == steps or (checkpoint.every and (step + 1) % checkpoint.every == 0)):
             enter(step, "checkpoint")
             save_checkpoint(checkpoint.directory, step + 1, model, optimizer, plan)
+    enter(steps, "measure machine")
+    machine = measure_machine(plan, device) if steps > start_step else None
     return RankResult(rank=dist.get_rank(), losses=losses, step_times_s=times,
                       peak_memory_bytes=probe.result.peak_bytes,
                       memory_breakdown_bytes=probe.result.breakdown_bytes, every_step_time_s=every_time,
-                      tracked_step=tracked_step, first_step=start_step)
+                      tracked_step=tracked_step, first_step=start_step,
+                      machine_profile=machine if dist.get_rank() == 0 else None,
+                      machine_profile_before=machine_before if dist.get_rank() == 0 else None)
+
+
+MEASURE_MACHINE_ENV = "MESHPLAN_MEASURE_MACHINE"
+"""Set to 0 to skip the in-run measurement of a CPU machine (`measure_machine`)."""
+
+
+def measure_machine(plan: Plan, device: torch.device) -> dict | None:
+    """A CPU plan's machine measured in this run (every rank calls it after the training steps): the plan's own
+    cluster profile with compute, memory, per-op overhead and gloo collectives replaced by what these ranks
+    measure now (costmodel.calibrate.measure_in_run, a second or two). On CPU processes the speed of a rank
+    depends on how many processes share the cores at the moment, so the preset the plan was priced on cannot
+    know it; the report re-costs the plan on this. None for GPU plans or with MESHPLAN_MEASURE_MACHINE=0."""
+    if plan.cluster.get("device_type") != "cpu" or os.environ.get(MEASURE_MACHINE_ENV, "1") == "0":
+        return None
+    from costmodel import Cluster
+    from costmodel.calibrate import measure_in_run
+
+    base = Cluster.from_dict(plan.cluster, source="plan cluster")
+    profile, _ = measure_in_run(base, device)
+    return profile.to_dict()
 
 
 def median_step_time_s(result: RankResult) -> float:
