@@ -79,6 +79,10 @@ def resolve_model_source(source: str, base_dir: Path | None = None) -> tuple[Pat
     raise ModelSpecError(f"MODEL {source!r}: file {path_text!r} not found (looked in {[str(c) for c in candidates]})")
 
 
+SHA_ATTRIBUTE = "__meshplan_sha256__"
+"""Set on an imported MODEL module: the sha256 of the bytes it was executed from."""
+
+
 def model_file_sha256(source: str, base_dir: Path | None = None) -> str:
     """sha256 (hex) of the file a MODEL reference names, as a plan records it in `model.source_sha256`."""
     path, _ = resolve_model_source(source, base_dir)
@@ -97,22 +101,25 @@ def import_model_file(source: str, base_dir: Path | None = None, expected_sha256
     ModelFileChangedError. A file that calls sys.exit() while importing is a ModelSpecError, not an exit."""
     path, _ = resolve_model_source(source, base_dir)
     name = _module_name(path)
+    code_bytes = path.read_bytes()
+    found = hashlib.sha256(code_bytes).hexdigest()
     module = sys.modules.get(name)
+    # a module imported earlier in this process counts only if it ran the expected bytes, and the file on disk
+    # (what a rank started now would import) must be those bytes too
+    ran = getattr(module, SHA_ATTRIBUTE, found) if module is not None else found
+    if expected_sha256 is not None and not expected_sha256 == found == ran:
+        raise ModelFileChangedError(
+            f"MODEL {source!r}: {path} changed since the plan was made (sha256 {found[:16]}... now, "
+            f"{expected_sha256[:16]}... in the plan's model.source_sha256), so it was not imported. Re-run "
+            "`meshplan plan` for the new file, or pass --accept-model-change to run it knowingly (the traced "
+            "graph must still match the plan's fingerprint)")
     if module is not None:
         return module, path
-    code_bytes = path.read_bytes()
-    if expected_sha256 is not None:
-        found = hashlib.sha256(code_bytes).hexdigest()
-        if found != expected_sha256:
-            raise ModelFileChangedError(
-                f"MODEL {source!r}: {path} changed since the plan was made (sha256 {found[:16]}... now, "
-                f"{expected_sha256[:16]}... in the plan's model.source_sha256), so it was not imported. Re-run "
-                "`meshplan plan` for the new file, or pass --accept-model-change to run it knowingly (the traced "
-                "graph must still match the plan's fingerprint)")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ModelSpecError(f"MODEL {source!r}: cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    setattr(module, SHA_ATTRIBUTE, found)
     sys.modules[name] = module
     try:
         exec(compile(code_bytes, str(path), "exec"), module.__dict__)  # the bytes hashed above

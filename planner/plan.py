@@ -325,6 +325,10 @@ class Plan:
         if self.model.global_batch_size < 1:
             raise PlanError(f"{source}: field 'model.global_batch_size' must be >= 1, got "
                             f"{self.model.global_batch_size}")
+        sha = self.model.source_sha256
+        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise PlanError(f"{source}: field 'model.source_sha256' must be 64 hexadecimal digits (sha256sum of the "
+                            f"MODEL file) or empty, got {brief(sha)}; re-run `meshplan plan`")
         if not 0 <= self.seed < 2**63:
             raise PlanError(f"{source}: field 'seed' must be an integer in 0 .. 2**63 - 1 (torch's generators take "
                             f"64-bit seeds), got {brief(self.seed)}; use a smaller seed such as 0")
