@@ -218,7 +218,10 @@ def _save_failed(tmp: Path, err: BaseException, needed_bytes: int) -> Checkpoint
     shutil.rmtree(tmp, ignore_errors=True)
     cause = _underlying_error(err)
     free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    # torch's zip writer reports a failed write as "unexpected pos" (RuntimeError), so the free space decides too
+    no_space = (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) \
+        or "No space left" in str(cause) or free < needed_bytes
+    if no_space:
         return CheckpointSaveError(f"saving checkpoint {tmp.name} failed: no space left on the device of "
                                    f"{tmp.parent}; the partial folder was removed. A checkpoint of this run needs "
                                    f"about {needed_bytes / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free "
