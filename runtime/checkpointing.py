@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
-from runtime.checkpoint_manifest import CheckpointDamagedError, verify_checkpoint, write_manifest
+from runtime.checkpoint_manifest import MANIFEST, CheckpointDamagedError, verify_checkpoint, write_manifest
 from runtime.ddp_state import ddp_state_dicts, needs_ddp_state, restore_hyperparameters
 
 KEEP = 2
@@ -102,14 +102,18 @@ def _step_dir_name(step: int) -> str:
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the finished checkpoints in `directory`, oldest first (`.tmp` directories excluded; a
-    folder is renamed from `.tmp` only after its manifest is written, so a damaged one is refused by
-    verification rather than skipped)."""
+    """(step, path) of the complete checkpoints in `directory`, oldest first: folders named step-NNNNNN (never
+    `.tmp`) holding meshplan's files. A folder is renamed from `.tmp` only after its manifest is written, so one
+    with meshplan.json but a missing or wrong manifest is damaged: verification refuses it rather than skip it."""
     if not directory.is_dir():
         return []
     found = [(int(match.group(1)), path) for path in directory.iterdir()
-             if path.is_dir() and (match := STEP_DIR.match(path.name))]
+             if path.is_dir() and (match := STEP_DIR.match(path.name)) and _is_complete(path)]
     return sorted(found)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / META).is_file() or (path / MANIFEST).is_file()
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -129,7 +133,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         if len(raw) > MAX_POINTER_BYTES or not STEP_DIR.match(name):
             raise PlanError(f"--resume: {pointer} does not hold a checkpoint folder name (got {name[:40]!r}); {fix}")
         path = directory / name
-        if path.is_dir():
+        if path.is_dir() and _is_complete(path):
             return path
     complete = complete_checkpoints(directory)
     return complete[-1][1] if complete else None
