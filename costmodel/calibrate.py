@@ -56,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .cluster import Cluster, ClusterError, EfficiencyCurve, LinkSpec, StepScale, load_cluster, save_cluster
 from .progress import ENV as PROGRESS_ENV
 from .progress import Progress
+from .rank_environment import rank_import_environment
 
 _QUICK = {"matmul_sizes": (32, 128, 384), "copy_mib": (0.0625, 1, 16), "message_kib": (4, 64, 512, 2048),
           "repeats": 3, "min_time_s": 0.02}
@@ -539,7 +540,7 @@ def launch(out: str, base_name: str | None, quick: bool, name: str, nproc_per_no
         command += ["--base", base_name]
     if quick:
         command.append("--quick")
-    completed = subprocess.run(command)
+    completed = subprocess.run(command, env={**os.environ, **rank_import_environment()})
     if completed.returncode != 0:
         raise RuntimeError(f"calibration under torchrun exited with status {completed.returncode}; "
                            "see the rank output above")

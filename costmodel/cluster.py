@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from .bounded_yaml import brief, load_bounded, read_bounded_text
 from .dtypes import SUPPORTED_DTYPES, normalize_dtype_name
 
 SCHEMA_VERSION = 2
@@ -87,7 +88,7 @@ class ClusterError(ValueError):
 
 
 def _fail(source: str, field: str, requirement: str, value: object) -> NoReturn:
-    raise ClusterError(f"cluster {source!r}: field {field!r} must be {requirement}, got {value!r}")
+    raise ClusterError(f"cluster {brief(source)}: field {brief(field)} must be {requirement}, got {brief(value)}")
 
 
 def _check_int(source: str, field: str, value: object) -> int:
@@ -97,19 +98,41 @@ def _check_int(source: str, field: str, value: object) -> int:
     return value
 
 
-def _check_number(source: str, field: str, value: object, kind: str = "positive") -> float:
-    """A finite real number; kind is "positive" (> 0), "non-negative" (>= 0) or "fraction" (in (0, 1])."""
+MAX_MAGNITUDE = 1e12
+"""Largest number a cluster field may hold in its own unit (GiB, TFLOPS, GB/s, us): beyond it products overflow."""
+MIN_MAGNITUDE = 1e-9
+"""Smallest non-zero number a cluster field may hold: a smaller rate or efficiency makes every time infinite."""
+
+
+def _check_number(source: str, field: str, value: object, kind: str = "positive", human: bool = False) -> float:
+    """A finite real number; kind is "positive" (> 0), "non-negative" (>= 0) or "fraction" (in (0, 1]).
+
+    `human`: a value in a profile's own units (GiB, TFLOPS, GB/s, us, fractions), which must also lie within
+    MIN_MAGNITUDE .. MAX_MAGNITUDE (or be 0 where 0 is allowed)."""
     requirement = {
         "positive": "a number > 0",
         "non-negative": "a number >= 0",
         "fraction": "a number in (0, 1]",
     }[kind]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(source, field, requirement, value)
+    try:
+        value = float(value)  # an integer beyond float range overflows here
+    except OverflowError:
+        _fail(source, field, f"{requirement} and at most {MAX_MAGNITUDE:g}", value)
+    if not math.isfinite(value):
         _fail(source, field, requirement, value)
     ok = {"positive": value > 0, "non-negative": value >= 0, "fraction": 0 < value <= 1}[kind]
     if not ok:
         _fail(source, field, requirement, value)
-    return float(value)
+    if human and value > MAX_MAGNITUDE:
+        _fail(source, field, f"{requirement} and at most {MAX_MAGNITUDE:g} (in the unit its name says); larger "
+              "values overflow the cost model's arithmetic", value)
+    if human and value and value < MIN_MAGNITUDE:
+        _fail(source, field, f"0 or at least {MIN_MAGNITUDE:g} (in the unit its name says): with a rate or an "
+              "efficiency this small every predicted time would be infinite, which is why no plan could fit",
+              value)
+    return value
 
 
 def _check_text(source: str, field: str, value: object, choices: Sequence[str] = ()) -> str:
@@ -142,7 +165,7 @@ def _check_keys(source: str, prefix: str, data: Mapping[Any, Any], required: Seq
     for key in data:
         if key not in allowed:
             raise ClusterError(
-                f"cluster {source!r}: unknown field {prefix + str(key)!r}; remove it or fix the spelling "
+                f"cluster {source!r}: unknown field {brief(prefix + str(key), 60)}; remove it or fix the spelling "
                 f"(allowed: {', '.join(allowed)})"
             )
     for key in required:
@@ -236,7 +259,7 @@ def _plain(value: float) -> float | int:
 def _check_curve(source: str, field: str, value: object) -> tuple[tuple[float, float], ...]:
     """A number (flat curve) or a non-empty list of [size, efficiency] pairs with increasing size."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return ((1.0, _check_number(source, field, value, "fraction")),)
+        return ((1.0, _check_number(source, field, value, "fraction", human=True)),)
     if not isinstance(value, (list, tuple)) or not value:
         _fail(source, field, "an efficiency in (0, 1] or a list of [size, efficiency] pairs", value)
     points = []
@@ -244,7 +267,7 @@ def _check_curve(source: str, field: str, value: object) -> tuple[tuple[float, f
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             _fail(source, f"{field}[{i}]", "a [size, efficiency] pair", pair)
         size = _check_number(source, f"{field}[{i}][0]", pair[0])
-        efficiency = _check_number(source, f"{field}[{i}][1]", pair[1], "fraction")
+        efficiency = _check_number(source, f"{field}[{i}][1]", pair[1], "fraction", human=True)
         if points and size <= points[-1][0]:
             _fail(source, f"{field}[{i}][0]", f"larger than the previous size {points[-1][0]!r} "
                   "(sort the points by size, no repeats)", pair[0])
@@ -592,7 +615,7 @@ class Cluster:
         device_type = _check_text(source, "device_type", data["device_type"], DEVICE_TYPES)
         backend = _check_text(source, "backend", data["backend"], BACKENDS)
         _check_backend(source, device_type, backend)
-        memory_gib = _check_number(source, "device_memory_gib", data["device_memory_gib"])
+        memory_gib = _check_number(source, "device_memory_gib", data["device_memory_gib"], human=True)
         memory_bytes = round(_to_base(memory_gib, _GIB))
         if memory_bytes < 1:
             _fail(source, "device_memory_gib", "at least one byte", data["device_memory_gib"])
@@ -604,7 +627,7 @@ class Cluster:
                 memory_efficiency=EfficiencyCurve(_check_curve(source, "memory_efficiency",
                                                                data["memory_efficiency"])),
                 kernel_overhead_s=_to_base(_check_number(source, "kernel_overhead_us", data["kernel_overhead_us"],
-                                                         "non-negative"), _US_PER_S, inverse=True),
+                                                         "non-negative", human=True), _US_PER_S, inverse=True),
                 optimizer_tensor_overhead_s=_to_base(_check_number(
                     source, "optimizer_tensor_overhead_us", data.get("optimizer_tensor_overhead_us", 0),
                     "non-negative"), _US_PER_S, inverse=True),
@@ -628,11 +651,11 @@ class Cluster:
                 source, "usable_memory_fraction", data["usable_memory_fraction"], "fraction"
             ),
             peak_flops_per_s={
-                k: _to_base(_check_number(source, f"peak_tflops.{k}", v), _TERA) for k, v in peak.items()
+                k: _to_base(_check_number(source, f"peak_tflops.{k}", v, human=True), _TERA) for k, v in peak.items()
             },
             matmul_efficiency=_matmul_curves_from_dict(source, data["matmul_efficiency"]),
             memory_bandwidth_bytes_per_s=_to_base(
-                _check_number(source, "memory_bandwidth_gb_per_s", data["memory_bandwidth_gb_per_s"]), _GB
+                _check_number(source, "memory_bandwidth_gb_per_s", data["memory_bandwidth_gb_per_s"], human=True), _GB
             ),
             intra_node=_link_from_dict(source, "intra_node", data["intra_node"]),
             inter_node=_link_from_dict(source, "inter_node", data["inter_node"]),
@@ -704,8 +727,8 @@ def _link_to_dict(link: LinkSpec) -> dict[str, float | int]:
 def _link_from_dict(source: str, field: str, value: object) -> LinkSpec:
     data = _check_mapping(source, field, value)
     _check_keys(source, f"{field}.", data, _LINK_KEYS)
-    bandwidth = _check_number(source, f"{field}.bandwidth_gb_per_s", data["bandwidth_gb_per_s"])
-    latency = _check_number(source, f"{field}.latency_us", data["latency_us"], "non-negative")
+    bandwidth = _check_number(source, f"{field}.bandwidth_gb_per_s", data["bandwidth_gb_per_s"], human=True)
+    latency = _check_number(source, f"{field}.latency_us", data["latency_us"], "non-negative", human=True)
     return LinkSpec(bandwidth_bytes_per_s=_to_base(bandwidth, _GB),
                     latency_s=_to_base(latency, _US_PER_S, inverse=True))
 
@@ -725,10 +748,11 @@ def list_presets() -> list[str]:
 
 def _parse(text: str, source: str) -> Cluster:
     try:
-        data = yaml.safe_load(text)
+        data = load_bounded(text, "cluster file")
     except yaml.YAMLError as err:
+        message = str(err) if len(str(err)) <= 1500 else str(err)[:1500] + "..."
         raise ClusterError(
-            f"cluster {source!r}: not valid YAML (or uses a tag safe_load refuses): {err}"
+            f"cluster {source!r}: not valid YAML (or uses a tag safe_load refuses): {message}"
         ) from err
     if not isinstance(data, Mapping):
         raise ClusterError(
@@ -751,7 +775,9 @@ def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
     if looks_like_path:
         path = Path(text)
         try:
-            content = path.read_text(encoding="utf-8")
+            content = read_bounded_text(path, "cluster file")
+        except yaml.YAMLError as err:
+            raise ClusterError(f"cluster {text!r}: {err}") from err
         except OSError as err:
             raise ClusterError(
                 f"cluster {text!r}: cannot read the file ({err.strerror}); check the path"

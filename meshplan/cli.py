@@ -9,8 +9,11 @@
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
     meshplan calibrate --from-runs R1.json R2.json ... --cluster base.yaml --out tuned.yaml
 
-User mistakes (bad plan, cluster or model, mismatched world size) print one clear message and exit 2; a
-training job that fails after it started (a rank died or hung) prints which ranks failed and exits 1.
+The error boundary (`main`): a failure meshplan can foresee (a bad plan, cluster, model, checkpoint or path,
+a mismatched world size) prints one paragraph naming the input, the field or path and the fix, exit 2; a
+training job that fails after it started (a rank died or hung) prints which ranks failed, exit 1; anything
+else is a bug: one line naming it and the log file holding its traceback (or the traceback itself with
+`--debug` or MESHPLAN_DEBUG=1), exit 1. A closed stdout (`meshplan show plan.yaml | head -1`) ends quietly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import argparse
 import math
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from costmodel import ClusterError
@@ -30,15 +35,28 @@ from planner.plan import Plan
 from planner.plan_schema import PlanError
 
 USER_ERRORS = (PlanError, ClusterError, ModelSpecError, CaptureError)
+MAX_MESSAGE_CHARS = 4000
+"""Longest error message printed; a longer one is cut (it quotes an input that should have been brief)."""
+MAX_WORLD_SIZE = 2**20
+"""Largest --world-size accepted (1,048,576 ranks); the planner's divisor search is O(sqrt n) below it."""
+TIMELINE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+DEBUG_ENV = "MESHPLAN_DEBUG"
 
 
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _world_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORLD_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORLD_SIZE:,} ranks, got {value:,}")
     return value
 
 
@@ -75,11 +93,13 @@ def _mesh(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshplan", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an internal error instead "
+                                                             f"of writing it to a log file (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="search the fastest plan that fits and write it as YAML")
     p.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
     p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
-    p.add_argument("--world-size", type=_positive_int, required=True, help="number of devices (ranks)")
+    p.add_argument("--world-size", type=_world_size, required=True, help="number of devices (ranks)")
     p.add_argument("--mesh", type=_mesh, help="pin the mesh as PPxDPxTP or DPxTP (e.g. 2x2) instead of searching")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of parameters; not float32 means mixed precision with fp32 master weights")
@@ -121,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a rank that makes no progress for this long (a hang, a collective mismatch) ends the job "
                         "with a message naming the rank and step (default 600)")
     e.add_argument("--cluster", help="refuse the plan unless it was made for this cluster (preset or YAML)")
+    e.add_argument("--accept-model-change", action="store_true",
+                   help="import the MODEL file even though its sha256 differs from the one the plan recorded "
+                        "(its traced graph must still match the plan)")
     c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
                                          "YAML for --cluster (starts torchrun when needed)")
     from costmodel.calibrate import add_arguments
@@ -139,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from planner.api import plan
 
+        check_output_path("--out", args.out)
         if args.progress:
             os.environ[PROGRESS_ENV] = "1"
         result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
@@ -147,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}")
         return 0
     if args.command == "show":
+        if args.timeline:
+            check_output_path("--timeline", args.timeline, TIMELINE_FORMATS)
         shown = Plan.load(args.plan)
         print(format_plan(shown, why=args.why))
         if args.timeline:
@@ -193,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
                                  checkpoint, timeout_s)
         else:
             execute(args.plan, steps=args.steps, report_path=args.report_json, quiet=args.quiet,
-                    max_restarts=args.max_restarts, timeout_s=timeout_s, cluster=args.cluster, **checkpoint_kwargs)
+                    max_restarts=args.max_restarts, timeout_s=timeout_s, cluster=args.cluster,
+                    accept_model_change=args.accept_model_change, **checkpoint_kwargs)
         return 0
     if args.command == "calibrate" and args.from_runs:
         from meshplan.tune import tune_from_runs
@@ -212,29 +239,89 @@ def run(args: argparse.Namespace) -> int:
         if args.cluster is not None or args.on_measured_machine:
             raise PlanError("calibrate: --cluster and --on-measured-machine go with --from-runs (to measure this "
                             "machine starting from a profile, use --base)")
+        check_output_path("--out", args.out)  # before minutes of measuring
         calibrate(args)
         return 0
     raise AssertionError(args.command)
 
 
+def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse an output path that cannot be written, before the work that produces it (planning, measuring)."""
+    target = Path(path)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise PlanError(f"{option} {path}: the file name must end in one of {', '.join(suffixes)} (the image "
+                        "format is taken from it)")
+    if target.is_dir():
+        raise PlanError(f"{option} {path} is a folder; give a file path inside it, e.g. {target / 'plan.yaml'}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise PlanError(f"{option} {path}: the folder {folder} does not exist (No such file or directory); "
+                        "check the path, or create the folder first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PlanError(f"{option} {path}: the folder {folder} is not writable by this user; check the path")
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS:,} more characters left out)"
+
+
+def _report_internal_error(command: str, err: BaseException) -> None:
+    """One line on stderr naming the unforeseen error and the log file its traceback was written to."""
+    text = "".join(traceback.format_exception(err))
+    first = (str(err).splitlines() or [""])[0][:200]
+    try:
+        handle, log = tempfile.mkstemp(prefix=f"meshplan-{command}-", suffix=".log")
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        where = f"the traceback is in {log}"
+    except OSError:
+        where = "the traceback could not be written to a log file"
+    print(f"meshplan {command}: internal error: {type(err).__name__}: {first} ({where}; rerun with --debug to "
+          "print it, and please report it)", file=sys.stderr)
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout was closed by its reader (`| head`): stop without a message, and keep Python's exit-time flush
+    from failing on the same pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV) == "1"
     try:
         return run(args)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except USER_ERRORS as err:
-        print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
+        print(_bounded(f"meshplan {args.command}: error: {err}"), file=sys.stderr)
         return 2
     except OSError as err:  # a file the user named cannot be read or written (missing folder, permissions)
         where = f": {err.filename}" if err.filename else ""
-        print(f"meshplan {args.command}: error: {err.strerror or err}{where}; check the path and that its folder "
-              "exists and is writable", file=sys.stderr)
+        print(_bounded(f"meshplan {args.command}: error: {err.strerror or err}{where}; check the path and that its "
+                       "folder exists and is writable"), file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except KeyboardInterrupt:
+        print(f"meshplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 -- the boundary: torch's CheckpointException is a BaseException
         from runtime.execute import RunFailedError
 
-        if not isinstance(err, RunFailedError):
+        if isinstance(err, RunFailedError):
+            print(_bounded(f"meshplan {args.command}: error: {err}"), file=sys.stderr)
+            return 1
+        if debug:
             raise
-        print(f"meshplan {args.command}: error: {err}", file=sys.stderr)
+        _report_internal_error(args.command, err)
         return 1
 
 

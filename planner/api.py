@@ -6,7 +6,7 @@ from costmodel import Cluster, load_cluster
 from planner.evaluate_config import ConfigResult, stages_of_layers
 from planner.layer_options import LayerOption
 from planner.model_graph import LayerFacts, ModelGraph, build_model_graph
-from planner.model_spec import load_model_spec
+from planner.model_spec import ModelSpecError, load_model_spec, model_file_sha256
 from planner.plan import (
     PARAM_DTYPES,
     SCHEMA_VERSION,
@@ -71,7 +71,11 @@ def layer_plan_of(layer: LayerFacts, option: LayerOption, stage: int, time_ms: f
 
 def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_size: int, global_batch_size: int,
                      found: SearchResult, seed: int = 0) -> Plan:
-    """Write the search's best configuration as a Plan."""
+    """Write the search's best configuration as a Plan (recording the sha256 of `source`'s file when it names one)."""
+    try:
+        source_sha256 = model_file_sha256(source)
+    except (ModelSpecError, OSError):  # a source that is not a file (a test's synthetic graph)
+        source_sha256 = ""
     best = found.best
     config = best.config
     stage_of = stages_of_layers(best.stage_starts, len(graph.layers))
@@ -84,7 +88,7 @@ def plan_from_search(source: str, graph: ModelGraph, cluster: Cluster, world_siz
     return Plan(
         schema_version=SCHEMA_VERSION,
         model=ModelRef(source=source, fingerprint=graph.fingerprint, num_parameters=graph.num_params,
-                       global_batch_size=global_batch_size),
+                       global_batch_size=global_batch_size, source_sha256=source_sha256),
         cluster=cluster.to_dict(), world_size=world_size,
         mesh=MeshShape(pp=config.pp, dp=config.dp, tp=config.tp),
         data_parallel=DataParallelPlan(kind=config.dp_kind, replicate=config.replicate, offload=config.offload),

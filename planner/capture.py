@@ -157,6 +157,27 @@ def describe_trace_failure(err: BaseException, attributor: _ModuleAttributor, mo
             f"`config._attn_implementation = \"eager\"` or \"sdpa\" (custom attention kernels do not trace).")
 
 
+def call_make_batch(spec: ModelSpec, batch_size: int) -> tuple[tuple, torch.Tensor]:
+    """`spec.make_batch(batch_size, 0)`, checked to be `(inputs, targets)`: a tuple of inputs and a tensor."""
+    call = f"make_batch({batch_size}, 0)"
+    form = "make_batch must return (inputs, targets): a tuple of the model's positional inputs and a tensor"
+    try:
+        batch = spec.make_batch(batch_size, 0)
+    except Exception as err:
+        raise CaptureError(f"{call} raised {type(err).__name__}: {str(err)[:300]}; fix the MODEL's make_batch "
+                           f"({form})") from err
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CaptureError(f"{call} returned {type(batch).__name__}"
+                           f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}; {form}")
+    inputs, targets = batch
+    if not isinstance(inputs, (tuple, list)):
+        raise CaptureError(f"{call} returned inputs of type {type(inputs).__name__}; {form} (wrap a single "
+                           "input as `(x,)`)")
+    if not isinstance(targets, torch.Tensor):
+        raise CaptureError(f"{call} returned targets of type {type(targets).__name__}; {form}")
+    return tuple(inputs), targets
+
+
 def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
     """Trace forward + loss + backward of `spec.model` on a batch of `batch_size` samples, on fake tensors."""
     model = spec.model
@@ -164,7 +185,7 @@ def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
     buffers = dict(model.named_buffers())
     if not params:
         raise CaptureError("the model has no parameters: there is nothing to train or shard")
-    inputs, targets = spec.make_batch(batch_size, 0)
+    inputs, targets = call_make_batch(spec, batch_size)
     device = next(iter(params.values())).device
     inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
     targets = targets.to(device)

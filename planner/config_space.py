@@ -7,6 +7,7 @@ the same way every time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planner.data_parallel_costs import DataParallelSetup
@@ -56,7 +57,9 @@ class ParallelConfig:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in increasing order, in O(sqrt n) steps (a world size of 10**9 takes ~3e4)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def enumerate_configs(world_size: int, devices_per_node: int, num_layers: int, global_batch_size: int,

@@ -8,6 +8,7 @@ initial weights.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -23,6 +24,10 @@ Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 class ModelSpecError(ValueError):
     """A MODEL reference that cannot be loaded, or a function that does not return a valid ModelSpec."""
+
+
+class ModelFileChangedError(ModelSpecError):
+    """The MODEL file's sha256 differs from the one the plan recorded; the file was not imported."""
 
 
 @dataclass
@@ -74,22 +79,69 @@ def resolve_model_source(source: str, base_dir: Path | None = None) -> tuple[Pat
     raise ModelSpecError(f"MODEL {source!r}: file {path_text!r} not found (looked in {[str(c) for c in candidates]})")
 
 
-def load_model_spec(source: str, base_dir: Path | None = None, device: str | torch.device | None = None) -> ModelSpec:
-    """Import `file.py`, call `function()` (under `torch.device(device)` when given) and validate its ModelSpec."""
-    path, func_name = resolve_model_source(source, base_dir)
-    module_name = f"_meshplan_model_{abs(hash(str(path)))}"
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ModelSpecError(f"MODEL {source!r}: cannot import {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:
-            del sys.modules[module_name]
-            raise ModelSpecError(f"MODEL {source!r}: importing {path} failed: {type(err).__name__}: {err}") from err
+SHA_ATTRIBUTE = "__meshplan_sha256__"
+"""Set on an imported MODEL module: the sha256 of the bytes it was executed from."""
+
+
+def model_file_sha256(source: str, base_dir: Path | None = None) -> str:
+    """sha256 (hex) of the file a MODEL reference names, as a plan records it in `model.source_sha256`."""
+    path, _ = resolve_model_source(source, base_dir)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _module_name(path: Path) -> str:
+    return f"_meshplan_model_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+
+
+def import_model_file(source: str, base_dir: Path | None = None, expected_sha256: str | None = None):
+    """Import the file of a MODEL reference once per process (later calls reuse the module).
+
+    With `expected_sha256`, the bytes are hashed and compared before anything runs, and those same bytes are
+    executed (no window for the file to change between the check and the import); a mismatch raises
+    ModelFileChangedError. A file that calls sys.exit() while importing is a ModelSpecError, not an exit."""
+    path, _ = resolve_model_source(source, base_dir)
+    name = _module_name(path)
+    code_bytes = path.read_bytes()
+    found = hashlib.sha256(code_bytes).hexdigest()
+    module = sys.modules.get(name)
+    # a module imported earlier in this process counts only if it ran the expected bytes, and the file on disk
+    # (what a rank started now would import) must be those bytes too
+    ran = getattr(module, SHA_ATTRIBUTE, found) if module is not None else found
+    if expected_sha256 is not None and not expected_sha256 == found == ran:
+        raise ModelFileChangedError(
+            f"MODEL {source!r}: {path} changed since the plan was made (sha256 {found[:16]}... now, "
+            f"{expected_sha256[:16]}... in the plan's model.source_sha256), so it was not imported. Re-run "
+            "`meshplan plan` for the new file, or pass --accept-model-change to run it knowingly (the traced "
+            "graph must still match the plan's fingerprint)")
+    if module is not None:
+        return module, path
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelSpecError(f"MODEL {source!r}: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    setattr(module, SHA_ATTRIBUTE, found)
+    sys.modules[name] = module
+    try:
+        exec(compile(code_bytes, str(path), "exec"), module.__dict__)  # the bytes hashed above
+    except (Exception, SystemExit) as err:
+        del sys.modules[name]
+        raise ModelSpecError(f"MODEL {source!r}: importing {path} failed: {_describe(err)}") from err
+    return module, path
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return (f"it called sys.exit({err.code!r}) (or raised SystemExit); a MODEL file must define its function "
+                "without exiting")
+    return f"{type(err).__name__}: {str(err)[:500]}"
+
+
+def load_model_spec(source: str, base_dir: Path | None = None, device: str | torch.device | None = None,
+                    expected_sha256: str | None = None) -> ModelSpec:
+    """Import `file.py` (refused unless its sha256 is `expected_sha256`, when given), call `function()` (under
+    `torch.device(device)` when given) and validate its ModelSpec."""
+    _, func_name = resolve_model_source(source, base_dir)
+    module, path = import_model_file(source, base_dir, expected_sha256)
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ModelSpecError(f"MODEL {source!r}: {path.name} has no function {func_name!r}")
@@ -99,7 +151,9 @@ def load_model_spec(source: str, base_dir: Path | None = None, device: str | tor
         else:
             with torch.device(device):
                 result = func()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
+        if isinstance(err, SystemExit):
+            raise ModelSpecError(f"MODEL {source!r}: {func_name}() {_describe(err)}") from err
         raise ModelSpecError(f"MODEL {source!r}: {func_name}() raised {type(err).__name__}: {err}") from err
     if not isinstance(result, ModelSpec):
         raise ModelSpecError(

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from costmodel import Cluster, ClusterError
+from costmodel.bounded_yaml import brief, load_bounded, read_bounded_text
 from planner.plan_schema import OMIT_IF_DEFAULT, PlanError, from_plain, to_plain
 
 SCHEMA_VERSION = 2
@@ -42,6 +43,9 @@ class ModelRef:
     """Hash of the traced forward graph; `execute` refuses a model whose graph differs."""
     num_parameters: int
     global_batch_size: int
+    source_sha256: str = ""
+    """sha256 (hex) of the MODEL file when the plan was made; `execute` refuses a file that no longer matches
+    before importing it (`--accept-model-change` runs it anyway). Empty in plans written before it existed."""
 
 
 @dataclass
@@ -321,6 +325,13 @@ class Plan:
         if self.model.global_batch_size < 1:
             raise PlanError(f"{source}: field 'model.global_batch_size' must be >= 1, got "
                             f"{self.model.global_batch_size}")
+        sha = self.model.source_sha256
+        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise PlanError(f"{source}: field 'model.source_sha256' must be 64 hexadecimal digits (sha256sum of the "
+                            f"MODEL file) or empty, got {brief(sha)}; re-run `meshplan plan`")
+        if not 0 <= self.seed < 2**63:
+            raise PlanError(f"{source}: field 'seed' must be an integer in 0 .. 2**63 - 1 (torch's generators take "
+                            f"64-bit seeds), got {brief(self.seed)}; use a smaller seed such as 0")
         if self.model.num_parameters < 0:
             raise PlanError(f"{source}: field 'model.num_parameters' must be >= 0, got {self.model.num_parameters}")
         numbers = [(f"predicted.{f.name}", getattr(self.predicted, f.name)) for f in dataclasses.fields(Prediction)
@@ -371,15 +382,19 @@ class Plan:
         """Write the plan atomically (temp file + rename), so a crash never leaves half a plan."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(self.to_yaml())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # `--out DIR` or a full disk: leave nothing behind
+            raise
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> Plan:
         try:
-            data = yaml.safe_load(text)
+            data = load_bounded(text, "plan")
         except yaml.YAMLError as err:
-            raise PlanError(f"{source}: not valid YAML: {err}") from err
+            raise PlanError(f"{source}: not valid YAML: {_bounded(str(err))}") from err
         if not isinstance(data, dict):
             raise PlanError(f"{source}: a plan must be a YAML mapping at the top level, got {type(data).__name__}")
         version = data.get("schema_version")
@@ -393,7 +408,9 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_bounded_text(path, "plan file")
+        except yaml.YAMLError as err:
+            raise PlanError(f"{path}: {err}") from err
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan file: {err.strerror}") from err
         except UnicodeDecodeError as err:
@@ -402,6 +419,11 @@ class Plan:
         return cls.from_yaml(text, str(path))
 
 
+def _bounded(text: str, limit: int = 1500) -> str:
+    """`text` cut to `limit` characters (a YAML error quotes the document around its mark)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 def _check_choice(source: str, field_name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise PlanError(f"{source}: field '{field_name}' must be one of {list(allowed)}, got {value!r}")
+        raise PlanError(f"{source}: field '{field_name}' must be one of {list(allowed)}, got {brief(value)}")

@@ -11,6 +11,8 @@ import types
 import typing
 from typing import Any
 
+from costmodel.bounded_yaml import brief
+
 
 class PlanError(ValueError):
     """A plan file or plan object that is malformed or does not match the model, cluster or world size."""
@@ -41,7 +43,7 @@ def from_plain(tp: Any, value: Any, field: str, source: str) -> Any:
         origin = typing.get_origin(tp)
 
     def fail() -> PlanError:
-        return PlanError(f"{source}: field '{field}' must be {_type_name(tp)}, got {value!r}")
+        return PlanError(f"{source}: field '{field}' must be {_type_name(tp)}, got {brief(value)}")
 
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -51,7 +53,8 @@ def from_plain(tp: Any, value: Any, field: str, source: str) -> Any:
         unknown = sorted(set(value) - set(fields), key=str)
         if unknown:
             prefix = f"{field}." if field else ""
-            raise PlanError(f"{source}: unknown field '{prefix}{unknown[0]}'; allowed here: {', '.join(fields)}. "
+            name = str(unknown[0]) if len(str(unknown[0])) <= 60 else f"{str(unknown[0])[:60]}..."
+            raise PlanError(f"{source}: unknown field '{prefix}{name}'; allowed here: {', '.join(fields)}. "
                             "Remove it or fix its spelling.")
         kwargs = {}
         for name, f in fields.items():

@@ -55,6 +55,37 @@ def config_of(plan: Plan) -> ParallelConfig:
                           reduce_dtype=plan.precision.reduce_dtype)
 
 
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads",
+                         "num_kv_heads", "n_kv_heads")
+"""Attributes attention modules (torch, transformers, nanoGPT-style code) keep their head counts in."""
+
+
+def _tensor_shards(plan: Plan, layer) -> int:
+    """How many ways a `tensor` layer splits its heads (tp)."""
+    return plan.mesh.tp
+
+
+def check_tensor_parallel_divides(plan: Plan, model: nn.Module) -> None:
+    """Refuse a tensor-parallel layer whose attention heads do not split evenly over tp: the ranks would each hold
+    a fraction of a head (the traced `view(b, s, n_heads, d)` then fails inside a rank). Head counts are read from
+    the attributes in HEAD_COUNT_ATTRIBUTES; uneven linear features are left to DTensor, which shards them."""
+    for i, layer in enumerate(plan.layers):
+        shards = _tensor_shards(plan, layer)
+        if layer.strategy != "tensor" or shards == 1:  # tensor2d gathers whole heads inside its units
+            continue
+        where = f"layers[{i}] ({layer.path or '<root>'})"
+        root = model.get_submodule(layer.path) if layer.path else model
+        for name, module in root.named_modules():
+            for attr in HEAD_COUNT_ATTRIBUTES:
+                heads = getattr(module, attr, None)
+                if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and heads % shards:
+                    inside = f"{layer.path}.{name}" if name else layer.path
+                    raise PlanError(f"{where} is tensor-parallel over {shards} ranks but {inside or '<root>'}."
+                                    f"{attr} is {heads}, which {shards} does not divide: each rank must hold "
+                                    f"whole heads. Set strategy 'replicate' on this layer, or a mesh.tp that "
+                                    f"divides {heads} (re-run `meshplan plan --mesh ...`)")
+
+
 def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, cluster: Cluster) -> None:
     """Raise PlanError when the plan does not describe this model on this cluster (field and fix named)."""
     if plan.model.fingerprint != graph.fingerprint:
@@ -93,6 +124,7 @@ def check_plan_describes_graph(plan: Plan, model: nn.Module, graph: ModelGraph, 
                 expected = "; ".join(f"{','.join(c)} -> {r}" for c, r in found) or "none"
                 raise PlanError(f"{where}.tensor_parallel does not match the units the planner found in the "
                                 f"model ({expected}); list exactly those, or set strategy 'replicate'")
+    check_tensor_parallel_divides(plan, model)
 
 
 def option_of(plan: Plan, index: int, priced: list[PricedOption]) -> PricedOption:

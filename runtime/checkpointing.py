@@ -11,6 +11,12 @@ renames it to `DIR/step-000123`, points `DIR/latest` at it (write a temporary fi
 removes all but the newest `KEEP` checkpoints (and earlier crashes' `.tmp` leftovers). A crash mid-write leaves
 only a `.tmp` directory, which resume never reads; `latest` always names a complete checkpoint.
 
+Verification (runtime/checkpoint_manifest.py): rank 0 writes `manifest.json` (size and sha256 of every file,
+the model fingerprint, the step) last, before the rename; `--resume` verifies it before torch reads a byte, so a
+truncated or bit-flipped shard, or a crafted `.metadata`, is refused (never unpickled) with the file's name.
+A save that fails (a full disk: DCP raises CheckpointException on every rank) removes its `.tmp` folder and
+says how much space the checkpoint needs.
+
 Pipeline plans train an `nn.ModuleList` of stage modules whose parameters keep the original FQNs, so
 get_state_dict's keys gain the list index (`0.blocks.2.attn.q.weight`); the index is dropped on save and put
 back on load, so pipeline and non-pipeline plans read each other's checkpoints.
@@ -24,6 +30,7 @@ like the others.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -35,20 +42,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from runtime.checkpoint_manifest import MANIFEST, CheckpointDamagedError, verify_checkpoint, write_manifest
 from runtime.ddp_state import ddp_state_dicts, needs_ddp_state, restore_hyperparameters
 
 KEEP = 2
 """Complete checkpoints kept; older ones are deleted after each save."""
 LATEST = "latest"
 META = "meshplan.json"
+MAX_POINTER_BYTES = 256
+"""`latest` holds one folder name; a larger file is not one meshplan wrote."""
 STEP_DIR = re.compile(r"^step-(\d+)$")
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 """Flat optimizer keys (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`): each entry names its parameter, so
 ranks holding different parameters (pipeline stages) and different meshes agree on the keys."""
+
+
+class CheckpointSaveError(PlanError):
+    """A checkpoint could not be written (a full disk, permissions); its partial folder was removed."""
 
 
 @dataclass
@@ -67,6 +82,13 @@ class CheckpointOptions:
         path = Path(self.directory)
         if path.exists() and not path.is_dir():
             raise PlanError(f"checkpoint_dir {path} exists and is not a directory; give a directory path")
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise PlanError(f"checkpoint_dir {path}: {existing} is a regular file, so no folder can be made under "
+                            "it; give a directory path")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise PlanError(f"checkpoint_dir {path}: {existing} is not writable by this user; give a folder you "
+                            "can write to")
 
     def cli_args(self) -> list[str]:
         args = ["--checkpoint-dir", str(Path(self.directory).resolve())]
@@ -80,12 +102,18 @@ def _step_dir_name(step: int) -> str:
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `directory`, oldest first (`.tmp` directories excluded)."""
+    """(step, path) of the complete checkpoints in `directory`, oldest first: folders named step-NNNNNN (never
+    `.tmp`) holding meshplan's files. A folder is renamed from `.tmp` only after its manifest is written, so one
+    with meshplan.json but a missing or wrong manifest is damaged: verification refuses it rather than skip it."""
     if not directory.is_dir():
         return []
     found = [(int(match.group(1)), path) for path in directory.iterdir()
-             if path.is_dir() and (match := STEP_DIR.match(path.name)) and (path / META).is_file()]
+             if path.is_dir() and (match := STEP_DIR.match(path.name)) and _is_complete(path)]
     return sorted(found)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / META).is_file() or (path / MANIFEST).is_file()
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -93,15 +121,46 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     directory = Path(directory)
     pointer = directory / LATEST
     if pointer.is_file():
-        path = directory / pointer.read_text().strip()
-        if STEP_DIR.match(path.name) and (path / META).is_file():
+        fix = (f"write the name of a checkpoint folder (step-NNNNNN) into {pointer}, or delete it to resume from "
+               "the newest folder")
+        with open(pointer, "rb") as handle:
+            raw = handle.read(MAX_POINTER_BYTES + 1)
+        try:
+            name = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise PlanError(f"--resume: {pointer} is not text (meshplan writes one folder name there); {fix}") \
+                from None
+        if len(raw) > MAX_POINTER_BYTES or not STEP_DIR.match(name):
+            raise PlanError(f"--resume: {pointer} does not hold a checkpoint folder name (got {name[:40]!r}); {fix}")
+        path = directory / name
+        if path.is_dir() and _is_complete(path):
             return path
     complete = complete_checkpoints(directory)
     return complete[-1][1] if complete else None
 
 
 def read_checkpoint_meta(path: Path) -> dict:
-    return json.loads((path / META).read_text())
+    """meshplan.json of a checkpoint (call after verify_checkpoint); PlanError when it is not what meshplan wrote."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise PlanError(f"checkpoint {path}: {META} is not meshplan's ({type(err).__name__}: {str(err)[:200]}); "
+                        "delete this checkpoint folder to resume from the previous one, or drop --resume") from err
+    return meta
+
+
+def verified_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """Verify `path` against its manifest (runtime/checkpoint_manifest.py) and return its meshplan.json; a damaged
+    checkpoint is a PlanError that names the file and the previous checkpoint to fall back to."""
+    try:
+        verify_checkpoint(path, share)
+    except CheckpointDamagedError as err:
+        older = [p.name for step, p in complete_checkpoints(path.parent) if p != path and p.name < path.name]
+        previous = f" The previous checkpoint is {older[-1]}." if older else " There is no earlier checkpoint."
+        raise PlanError(f"--resume: {err}.{previous}") from err
+    return read_checkpoint_meta(path)
 
 
 def check_checkpoint_matches(meta: dict, plan: Plan, path: Path) -> None:
@@ -139,9 +198,51 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
     return state, model_sd, optim_sd
 
 
+def _local_bytes(state: dict) -> int:
+    """Bytes of the tensors this rank holds in a state dict (DTensors: the local shard)."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _local_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _underlying_error(err: BaseException) -> BaseException:
+    """The first rank's own exception inside torch's CheckpointException (or `err` itself)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def _save_failed(tmp: Path, err: BaseException, needed_bytes: int) -> CheckpointSaveError:
+    """Remove the partial folder and describe the failure (how much space the checkpoint needs when it is ENOSPC)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = _underlying_error(err)
+    free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+    # torch's zip writer reports a failed write as "unexpected pos" (RuntimeError), so the free space decides too
+    no_space = (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) \
+        or "No space left" in str(cause) or free < needed_bytes
+    if no_space:
+        return CheckpointSaveError(f"saving checkpoint {tmp.name} failed: no space left on the device of "
+                                   f"{tmp.parent}; the partial folder was removed. A checkpoint of this run needs "
+                                   f"about {needed_bytes / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free "
+                                   f"now (with KEEP={KEEP} checkpoints kept, plan for "
+                                   f"{(KEEP + 1) * needed_bytes / 2**20:,.1f} MiB); free space or give another "
+                                   "--checkpoint-dir")
+    text = str(cause).splitlines()[0][:300] if str(cause) else ""
+    return CheckpointSaveError(f"saving checkpoint {tmp.name} in {tmp.parent} failed ({type(cause).__name__}: "
+                               f"{text}); the partial folder was removed. Check that the folder is writable and "
+                               "has room, or give another --checkpoint-dir")
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     plan: Plan) -> Path:
-    """Save the state after `step` completed steps into `DIR/step-<step>` (collective: every rank calls it)."""
+    """Save the state after `step` completed steps into `DIR/step-<step>` (collective: every rank calls it).
+
+    Raises CheckpointSaveError on every rank when a rank could not write (its partial folder removed)."""
     directory = Path(directory)
     final = directory / _step_dir_name(step)
     tmp = directory / (final.name + ".tmp")
@@ -150,27 +251,42 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, o
         shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftover of the same step
     dist.barrier()
     state, _, _ = _state(model, optimizer, plan, torch.cuda.is_available() and torch.cuda.is_initialized())
-    dcp.save(state, checkpoint_id=tmp)
+    needed = torch.tensor([_local_bytes(state)], dtype=torch.int64)
+    dist.all_reduce(needed)  # an upper bound: replicated tensors count once per rank, DCP writes them once
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+    except (CheckpointException, OSError) as err:  # DCP gathers every rank's failure and raises on all ranks
+        failure = _save_failed(tmp, err, int(needed.item())) if dist.get_rank() == 0 else None
+        message = [str(failure) if failure else None]
+        dist.broadcast_object_list(message, src=0)
+        raise CheckpointSaveError(message[0]) from None
     dist.barrier()  # every rank's shards are on disk
+    message = [None]
     if dist.get_rank() == 0:
-        (tmp / META).write_text(json.dumps({"step": step, "fingerprint": plan.model.fingerprint,
-                                            "model_source": plan.model.source,
-                                            "mesh": [plan.mesh.pp, plan.mesh.dp, plan.mesh.tp],
-                                            "data_parallel": plan.data_parallel.kind}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = directory / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, directory / LATEST)
-        for _, old in complete_checkpoints(directory)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
-        for leftover in directory.glob("step-*.tmp"):  # earlier crashes' partial writes: never read, never needed
-            shutil.rmtree(leftover, ignore_errors=True)
-    dist.barrier()
+        try:
+            (tmp / META).write_text(json.dumps({"step": step, "fingerprint": plan.model.fingerprint,
+                                                "model_source": plan.model.source,
+                                                "mesh": [plan.mesh.pp, plan.mesh.dp, plan.mesh.tp],
+                                                "data_parallel": plan.data_parallel.kind}))
+            write_manifest(tmp, step, plan.model.fingerprint)  # last: a folder with a manifest is complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer_tmp = directory / (LATEST + ".tmp")
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, directory / LATEST)
+            for _, old in complete_checkpoints(directory)[:-KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+            for leftover in directory.glob("step-*.tmp"):  # earlier crashes' partial writes: never read or needed
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError as err:
+            message = [str(_save_failed(tmp, err, int(needed.item())))]
+    dist.broadcast_object_list(message, src=0)  # also the barrier: no rank runs ahead of the rename
+    if message[0] is not None:
+        raise CheckpointSaveError(message[0])
     return final
 
 
-def resume_step(directory: str | os.PathLike, plan: Plan, steps: int) -> tuple[Path, int]:
+def resume_step(directory: str | os.PathLike, plan: Plan, steps: int, verify: bool = True) -> tuple[Path, int]:
     """The checkpoint `--resume` loads and its step, after checking it fits `plan` and leaves steps to run.
 
     Reads only files (no process group): `execute` calls it before launching torchrun, so mistakes are one clear
@@ -179,7 +295,7 @@ def resume_step(directory: str | os.PathLike, plan: Plan, steps: int) -> tuple[P
     if path is None:
         raise PlanError(f"--resume: no complete checkpoint in {directory} (looked for {LATEST} and step-NNNNNN "
                         f"directories with {META}); run without --resume to start from step 0")
-    meta = read_checkpoint_meta(path)
+    meta = verified_checkpoint(path) if verify else read_checkpoint_meta(path)
     check_checkpoint_matches(meta, plan, path)
     step = int(meta["step"])
     if step >= steps:
@@ -193,15 +309,32 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     """Load the latest complete checkpoint of `directory` (refused unless its step is below `steps`) into `model`
     and `optimizer`, resharding to this plan's mesh, and restore the RNG state; returns its step. Collective: every
     rank calls it."""
-    path, step = resume_step(directory, plan, steps)
+    path = latest_checkpoint(directory)
+    if path is None:
+        raise PlanError(f"--resume: no complete checkpoint in {directory}; run without --resume")
+    # every rank hashes a share of the files and all agree before DCP unpickles .metadata or reads a shard
+    # (`execute` verified the whole checkpoint before launch; this covers ranks started by hand and a file
+    # changed since)
+    try:
+        verified_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
+        problem = None
+    except PlanError as err:
+        problem = str(err)
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if any(problems):
+        raise PlanError(next(p for p in problems if p))
+    path, step = resume_step(directory, plan, steps, verify=False)
     meta = read_checkpoint_meta(path)
     saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     cuda_rng = "rng.cuda" in saved_keys and torch.cuda.is_available()  # a CPU run's checkpoint has none
     state, model_sd, optim_sd = _state(model, optimizer, plan, cuda_rng)
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as err:
-        raise PlanError(f"could not load checkpoint {path} into this plan ({type(err).__name__}: {err}); it was "
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        cause = _underlying_error(err)
+        text = str(cause).splitlines()[0][:300] if str(cause) else ""
+        raise PlanError(f"could not load checkpoint {path} into this plan ({type(cause).__name__}: {text}); it was "
                         f"saved under mesh pp x dp x tp = {meta.get('mesh')} with {meta.get('data_parallel')}") \
             from err
     # dcp.load filled the tensors of `state` in place; they are the same objects as in model_sd / optim_sd

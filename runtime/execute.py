@@ -30,16 +30,25 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, get_args_parser
 
+from costmodel.rank_environment import rank_import_environment
 from planner.plan import Plan
 from planner.plan_schema import PlanError
 from runtime.checkpointing import CheckpointOptions, latest_checkpoint, resume_step
-from runtime.preflight import check_before_launch, check_in_rank, check_plan_matches_model
+from runtime.preflight import (
+    ACCEPT_MODEL_CHANGE_ENV,
+    check_before_launch,
+    check_in_rank,
+    check_plan_matches_model,
+    import_checked_model,
+)
 from runtime.report import RunReport
 from runtime.train import check_runtime_supports, run_rank
 from runtime.watchdog import HANG_EXIT_STATUS, Watchdog
 
 DEFAULT_TIMEOUT_S = 600.0
 """Longest a rank may stay in one phase of a step (or in setup) before the watchdog ends the job."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""Largest timeout accepted (a week): beyond it the process group's timedelta and the watchdog lose meaning."""
 CHECKED_FINGERPRINT_ENV = "MESHPLAN_CHECKED_FINGERPRINT"
 """Set by `execute` for its ranks: the plan fingerprint it already compared with the model (ranks skip the trace)."""
 
@@ -60,6 +69,24 @@ def check_run_options(steps: int, max_restarts: int, timeout_s: float) -> None:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
             or timeout_s <= 0:
         raise PlanError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    if timeout_s > MAX_TIMEOUT_S:
+        raise PlanError(f"--timeout-s {timeout_s:g} is more than the {MAX_TIMEOUT_S:g} s (a week) meshplan accepts; "
+                        "give a timeout a hung rank should not outlast, e.g. 600")
+
+
+def check_output_file(option: str, path: str | os.PathLike) -> None:
+    """Refuse, before any rank starts, an output file whose folder is missing or not writable (or that is a
+    folder): otherwise the run fails only after training."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlanError(f"{option} {path} is a folder; give a file path such as {path / 'report.json'}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise PlanError(f"{option} {path}: the folder {folder} does not exist (or is not a folder); create it "
+                        "first or give a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PlanError(f"{option} {path}: the folder {folder} is not writable by this user; give a path you can "
+                        "write to")
 
 
 def checkpoint_for_this_attempt(checkpoint: CheckpointOptions | None) -> CheckpointOptions | None:
@@ -107,6 +134,7 @@ def run_plan_in_torchrun(plan: Plan, steps: int, plan_dir: Path | None, report_p
     """This rank's part of a torchrun job: check the launch, init the process group, train under the watchdog,
     gather; rank 0 prints and saves the report."""
     check_in_rank(plan)
+    import_checked_model(plan, plan_dir)  # before any of the model file's code runs in this rank
     if os.environ.get(CHECKED_FINGERPRINT_ENV) != plan.model.fingerprint:  # started by torchrun, not `execute`
         check_plan_matches_model(plan, plan_dir)
     checkpoint = checkpoint_for_this_attempt(checkpoint)
@@ -201,11 +229,12 @@ def describe_failure(err: ChildFailedError, max_restarts: int) -> str:
 
 def launch(plan_file: Path, world_size: int, rank_args: list[str], max_restarts: int, env: dict[str, str]) -> None:
     """Run `python -m meshplan.cli execute PLAN ARGS` on `world_size` local ranks with torchrun's launcher, as
-    `torchrun --standalone --nproc-per-node=N --max-restarts=R` does."""
+    `torchrun --standalone --nproc-per-node=N --max-restarts=R` does (with rank_import_environment)."""
     args = get_args_parser().parse_args([
         "--nnodes=1", f"--nproc-per-node={world_size}", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
         f"--rdzv-id={uuid.uuid4()}", f"--max-restarts={max_restarts}", "--module", "meshplan.cli", "execute",
         str(plan_file), *rank_args])
+    env = {**env, **rank_import_environment()}
     if max_restarts > 0:  # a fresh rendezvous store per attempt (see store_for_this_attempt)
         env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     with _environment(**env):
@@ -219,7 +248,7 @@ def launch(plan_file: Path, world_size: int, rank_args: list[str], max_restarts:
 def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | os.PathLike | None = None,
             quiet: bool = False, checkpoint_dir: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, resume: bool = False, max_restarts: int = 0,
-            timeout_s: float = DEFAULT_TIMEOUT_S, cluster=None) -> RunReport:
+            timeout_s: float = DEFAULT_TIMEOUT_S, cluster=None, accept_model_change: bool = False) -> RunReport:
     """Run training steps 0 .. `steps` - 1 of `plan` (a Plan or a plan YAML path) and return the RunReport.
 
     With `checkpoint_dir`, model and optimizer state are saved there with torch.distributed.checkpoint every
@@ -227,6 +256,7 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
     `max_restarts`: how often torchrun may restart the ranks after one fails (they resume from the latest
     checkpoint). `timeout_s`: a rank stuck that long in one phase ends the job with a message naming the rank
     and step. `cluster` (preset name, YAML path or Cluster): refuse a plan made for another cluster.
+    `accept_model_change`: import the MODEL file even though its sha256 differs from the plan's record.
     Problems found before launch raise PlanError; a job that fails after launch raises RunFailedError.
     """
     check_run_options(steps, max_restarts, timeout_s)
@@ -243,10 +273,12 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
     if inside_torchrun():
         return run_plan_in_torchrun(plan, steps, plan_dir, report_path, quiet, checkpoint, timeout_s)
 
+    if report_path is not None:
+        check_output_file("--report-json", report_path)
     check_runtime_supports(plan)
     if checkpoint is not None and checkpoint.resume:
         resume_step(checkpoint.directory, plan, steps)
-    check_before_launch(plan, plan_dir, cluster)
+    check_before_launch(plan, plan_dir, cluster, accept_model_change)
     with tempfile.TemporaryDirectory(prefix="meshplan-") as tmp:
         report_file = Path(report_path) if report_path else Path(tmp) / "report.json"
         if plan_dir is None:
@@ -259,6 +291,8 @@ def execute(plan: Plan | str | os.PathLike, steps: int = 5, report_path: str | o
             rank_args.append("--quiet")
         if checkpoint is not None:
             rank_args += checkpoint.cli_args()
-        launch(plan_file, plan.world_size, rank_args, max_restarts,
-               {"MESHPLAN_PLAN_DIR": str(plan_dir), CHECKED_FINGERPRINT_ENV: plan.model.fingerprint})
+        env = {"MESHPLAN_PLAN_DIR": str(plan_dir), CHECKED_FINGERPRINT_ENV: plan.model.fingerprint}
+        if accept_model_change:
+            env[ACCEPT_MODEL_CHANGE_ENV] = "1"
+        launch(plan_file, plan.world_size, rank_args, max_restarts, env)
         return RunReport.from_json(report_file.read_text())

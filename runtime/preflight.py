@@ -18,18 +18,45 @@ import torch
 
 from costmodel import Cluster, ClusterError, load_cluster
 from planner.model_graph import build_model_graph
-from planner.model_spec import load_model_spec
+from planner.model_spec import import_model_file, load_model_spec
 from planner.plan import Plan
 from planner.plan_schema import PlanError
+from planner.recost import check_plan_describes_graph
+
+ACCEPT_MODEL_CHANGE_ENV = "MESHPLAN_ACCEPT_MODEL_CHANGE"
+"""Set to 1 (by `execute --accept-model-change`) to import a MODEL file whose sha256 differs from the plan's."""
 
 
-def check_plan_matches_model(plan: Plan, plan_dir: Path | None) -> None:
-    """Refuse a plan whose model graph changed since planning (traced on the meta device, no weights)."""
+def expected_model_sha256(plan: Plan, accept_model_change: bool = False) -> str | None:
+    """The sha256 the MODEL file must have before it is imported; None when the user accepted a change."""
+    if accept_model_change or os.environ.get(ACCEPT_MODEL_CHANGE_ENV) == "1":
+        return None
+    if not plan.model.source_sha256:
+        raise PlanError(f"the plan records no model.source_sha256 for {plan.model.source} (it was written by an "
+                        "older meshplan or by hand), so the file cannot be checked before it is imported. Re-run "
+                        "`meshplan plan`, add `source_sha256: <sha256sum of the file>` under `model:`, or pass "
+                        "--accept-model-change to import it unchecked")
+    return plan.model.source_sha256
+
+
+def import_checked_model(plan: Plan, plan_dir: Path | None, accept_model_change: bool = False) -> None:
+    """Import the plan's MODEL file only if its bytes are the ones the plan was made from (the first import in a
+    process is the one that runs the file's code; later loads reuse that module)."""
+    import_model_file(plan.model.source, plan_dir, expected_model_sha256(plan, accept_model_change))
+
+
+def check_plan_matches_model(plan: Plan, plan_dir: Path | None, accept_model_change: bool = False) -> None:
+    """Refuse a plan whose model file or graph changed since planning (traced on the meta device, no weights)."""
+    import_checked_model(plan, plan_dir, accept_model_change)
     spec = load_model_spec(plan.model.source, base_dir=plan_dir, device="meta")
-    fingerprint = build_model_graph(spec).fingerprint
+    graph = build_model_graph(spec)
+    fingerprint = graph.fingerprint
     if fingerprint != plan.model.fingerprint:
         raise PlanError(f"the plan was made for a different model: fingerprint {plan.model.fingerprint} in the "
                         f"plan, {fingerprint} for {plan.model.source} now. Re-run `meshplan plan`.")
+    # what `meshplan validate` checks of the plan against the model: layer paths and order, tensor-parallel
+    # units, heads divisible by tp (planner/recost.py)
+    check_plan_describes_graph(plan, spec.model, graph, Cluster.from_dict(plan.cluster, source="the plan's cluster"))
 
 
 def check_world_size(plan: Plan, world_size: int) -> None:
@@ -79,13 +106,14 @@ def check_plan_for_cluster(plan: Plan, cluster: str | Cluster) -> None:
                         f"{cluster if isinstance(cluster, str) else expected['name']}`.")
 
 
-def check_before_launch(plan: Plan, plan_dir: Path | None, cluster: str | Cluster | None = None) -> None:
+def check_before_launch(plan: Plan, plan_dir: Path | None, cluster: str | Cluster | None = None,
+                        accept_model_change: bool = False) -> None:
     """Everything `execute` can check on this host before it starts torchrun for `plan`."""
     if cluster is not None:
         check_plan_for_cluster(plan, cluster)
     check_single_node(plan)
     check_machine_has_devices(plan, plan.world_size)
-    check_plan_matches_model(plan, plan_dir)
+    check_plan_matches_model(plan, plan_dir, accept_model_change)
 
 
 def check_in_rank(plan: Plan) -> None:

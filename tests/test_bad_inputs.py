@@ -1,8 +1,10 @@
 """The bad-input corpus: every malformed or mismatched input ends in one clear message and exit status 2.
 
 Cases come from tests/bad_inputs/: edits of a valid plan (plan_edits.yaml) and of the cpu cluster preset
-(cluster_edits.yaml), raw files (truncated, binary, tabs, YAML tags that would build Python objects), MODEL
-functions that cannot be planned (models.py), plus command-line arguments out of range (below). Each runs the
+(cluster_edits.yaml), raw files (truncated, binary, tabs, YAML tags that would build Python objects), files
+generated here to be hostile (nested 20,000 deep, alias bombs, 9 MB, duplicate keys), MODEL functions that
+cannot be planned (models.py, model_exits_on_import.py), plus command-line arguments out of range (below).
+Every message is bounded (no case prints more than MAX_ERR_CHARS). Each runs the
 real command line, `meshplan.cli.main(argv)`, in this process (fast; an uncaught exception fails the test) with
 torchrun's launcher replaced by a trap, so a case passes only if it is refused before any rank starts. A sample
 of every kind also runs as `python -m meshplan.cli` in a subprocess (exit status and stderr as a user sees
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +35,64 @@ PWNED = "MESHPLAN_PWNED"
 """The file the YAML-tag cases try to create through os.system / subprocess: it must never appear."""
 
 
+MAX_ERR_CHARS = 4500
+"""No refusal prints more than this (the CLI cuts messages at 4000 characters)."""
+
+
 @dataclass
 class Case:
     name: str
     argv: list[str]
-    """Arguments after `meshplan`; {plan}, {cluster} and {tmp} are filled in by `materialize`."""
+    """Arguments after `meshplan`; {plan}, {cluster}, {raw} and {tmp} are filled in by `materialize`."""
     expect: list[str]
     plan_edit: dict | None = None
     cluster_edit: dict | None = None
     files: list[str] = field(default_factory=list)
+    raw: Callable[[str], str] | None = None
+    """Writes {raw}: a function of the valid plan's YAML text returning the file's content."""
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """`a: [x * 9]`, `b: [*a * 9]`, ...: 9**levels nodes once expanded, a few hundred bytes on disk."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _set_field(text: str, path: tuple, value) -> str:
+    data = yaml.safe_load(text)
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+GENERATED = {
+    "plan_nested_20000_deep": (lambda base: "mesh: " + "[" * 20000 + "]" * 20000 + "\n",
+                               ["not valid YAML", "nested more than 64 levels deep"]),
+    "plan_alias_bomb": (lambda base: _alias_bomb(), ["not valid YAML", "expand to more than 1,000,000 nodes"]),
+    "plan_recursive_alias": (lambda base: "mesh: &m {pp: *m}\n", ["not valid YAML", "recursive alias"]),
+    "plan_9_mb": (lambda base: base + "# padding\n" * (9 * 2**20 // 10), ["larger than the 8,388,608 bytes",
+                                                                          "right file"]),
+    "plan_duplicate_pipeline_key": (lambda base: base + "pipeline: {schedule: none, num_microbatches: 2}\n",
+                                    ["not valid YAML", "found duplicate key 'pipeline'", "keep one of them"]),
+    "plan_100_kb_value": (lambda base: _set_field(base, ("mesh", "tp"), "t" * 100_000),
+                          ["'mesh.tp' must be an integer", "99,922 more characters"]),
+    "plan_many_aliases": (lambda base: "x: &x 1\ny: [" + ", ".join(["*x"] * 1500) + "]\n",
+                          ["more than 1000 aliases"]),
+}
+EXECUTE_TOO = {"plan_alias_bomb", "plan_duplicate_pipeline_key", "cluster_alias_bomb", "cluster_duplicate_key"}
+"""Generated files also given to `execute` (the same loader; the rest only through show / plan)."""
+GENERATED_CLUSTERS = {
+    "cluster_alias_bomb": (lambda base: _alias_bomb(), ["not valid YAML", "alias bomb"]),
+    "cluster_nested_20000_deep": (lambda base: "name: " + "{a: " * 20000 + "1" + "}" * 20000 + "\n",
+                                  ["nested more than 64 levels deep"]),
+    "cluster_duplicate_key": (lambda base: yaml.safe_dump(load_cluster("cpu").to_dict()) + "backend: gloo\n",
+                              ["found duplicate key 'backend'"]),
+    "cluster_9_mb": (lambda base: "#" * (9 * 2**20) + "\n", ["larger than the 8,388,608 bytes"]),
+}
 
 
 def _edit(data, case: dict):
@@ -92,18 +144,35 @@ def _cases() -> list[Case]:
     for name, expect in raw_clusters.items():
         cases.append(Case(f"file-{name}-as-cluster", ["plan", MLP, "--cluster", str(BAD / name), "--world-size",
                                                        "2", "--out", "{tmp}/out.yaml"], expect))
+    for name, (make, expect) in GENERATED.items():
+        cases.append(Case(f"generated-{name}", ["show", "{raw}"], expect, raw=make))
+        if name in EXECUTE_TOO:
+            cases.append(Case(f"generated-execute-{name}", ["execute", "{raw}"], expect, raw=make))
+    for name, (make, expect) in GENERATED_CLUSTERS.items():
+        cases.append(Case(f"generated-{name}", ["plan", MLP, "--cluster", "{raw}", "--world-size", "2", "--out",
+                                                "{tmp}/out.yaml"], expect, raw=make))
+        if name in EXECUTE_TOO:
+            cases.append(Case(f"generated-execute-{name}", ["execute", "{plan}", "--cluster", "{raw}"], expect,
+                              raw=make, plan_edit={}))
     models = {
-        "build_data_dependent": ["tracing the training step failed", "models.py:23", "data-dependent"],
+        "build_data_dependent": ["tracing the training step failed", "models.py:27", "data-dependent"],
         "build_shape_mismatch": ["tracing the training step failed", "[8, 8] X [16, 4]"],
         "build_not_a_spec": ["must return planner.ModelSpec, got Linear"],
         "build_raises": ["build_raises() raised RuntimeError", "model.json not found"],
         "build_zero_batch": ["ModelSpec.global_batch_size must be a positive integer, got 0"],
         "build_needs_arguments": ["missing 1 required positional argument: 'hidden'"],
         "build_missing": ["has no function 'build_missing'"],
+        "build_make_batch_dict": ["make_batch(8, 0) returned dict", "must return (inputs, targets)"],
+        "build_make_batch_raises": ["make_batch(8, 0) raised KeyError", "'input_ids'", "fix the MODEL's make_batch"],
+        "build_make_batch_tensor": ["make_batch(8, 0) returned Tensor", "must return (inputs, targets)"],
+        "build_calls_exit": ["build_calls_exit()", "called sys.exit(3)", "without exiting"],
     }
     for function, expect in models.items():
         cases.append(Case(f"model-{function}", ["plan", f"tests/bad_inputs/models.py:{function}", "--cluster", "cpu",
                                                 "--world-size", "2", "--out", "{tmp}/out.yaml"], expect))
+    cases.append(Case("model-exits-on-import", ["plan", "tests/bad_inputs/model_exits_on_import.py:build",
+                                                 "--cluster", "cpu", "--world-size", "2", "--out", "{tmp}/out.yaml"],
+                      ["importing", "model_exits_on_import.py failed", "called sys.exit(0)"]))
     plan_args = ["plan", MLP, "--cluster", "cpu", "--out", "{tmp}/out.yaml"]
     arguments = {
         "world_size_zero": (plan_args + ["--world-size", "0"], ["--world-size", "positive integer, got 0"]),
@@ -129,6 +198,19 @@ def _cases() -> list[Case]:
                                                                       "check the path"]),
         "timeline_in_missing_folder": (["show", "{plan}", "--timeline", "{tmp}/missing/t.png"],
                                        ["No such file or directory", "missing/t.png", "check the path"]),
+        "timeline_as_text_file": (["show", "{plan}", "--timeline", "{tmp}/t.txt"],
+                                  ["--timeline", "t.txt", "must end in one of .png"]),
+        "out_is_a_folder": (["plan", MLP, "--cluster", "cpu", "--world-size", "2", "--out", "{tmp}"],
+                            ["--out", "is a folder", "give a file path"]),
+        "world_size_a_billion": (plan_args + ["--world-size", "1000000000"], ["--world-size", "at most 1,048,576"]),
+        "world_size_huge_text": (plan_args + ["--world-size", "9" * 5000], ["--world-size", "positive integer"]),
+        "calibrate_out_in_missing_folder": (["calibrate", "--quick", "--out", "{tmp}/no/such/cluster.yaml"],
+                                            ["--out", "does not exist", "no/such"]),
+        "diff_model_without_cluster": (["diff", "{plan}", "{plan}", "--model", MLP],
+                                       ["give --model and --cluster together"]),
+        "validate_against_another_model": (["validate", "{plan}", "tests/models.py:build_reused_linear", "--cluster",
+                                            "cpu"], ["model.fingerprint", "re-run `meshplan plan`"]),
+        "steps_huge_word": (["execute", "{plan}", "--steps", "x" * 10000], ["--steps", "positive integer"]),
     }
     for name, (argv, expect) in arguments.items():
         cases.append(Case(f"argument-{name}", argv, expect, plan_edit={}))
@@ -149,7 +231,9 @@ def base_plan_yaml() -> str:
 
 def materialize(case: Case, base_plan_yaml: str, tmp: Path) -> list[str]:
     """Write the case's plan and cluster files into `tmp` and return its argv with the placeholders filled."""
-    plan_path, cluster_path = tmp / "plan.yaml", tmp / "cluster.yaml"
+    plan_path, cluster_path, raw_path = tmp / "plan.yaml", tmp / "cluster.yaml", tmp / "raw.yaml"
+    if case.raw is not None:
+        raw_path.write_text(case.raw(base_plan_yaml))
     if case.plan_edit is not None:
         data = _edit(yaml.safe_load(base_plan_yaml), case.plan_edit)
         if "cluster_preset" in case.plan_edit:
@@ -157,11 +241,11 @@ def materialize(case: Case, base_plan_yaml: str, tmp: Path) -> list[str]:
         plan_path.write_text(yaml.safe_dump(data, sort_keys=False))
     if case.cluster_edit is not None:
         cluster_path.write_text(yaml.safe_dump(_edit(load_cluster("cpu").to_dict(), case.cluster_edit)))
-    return [arg.format(plan=plan_path, cluster=cluster_path, tmp=tmp) for arg in case.argv]
+    return [arg.format(plan=plan_path, cluster=cluster_path, tmp=tmp, raw=raw_path) for arg in case.argv]
 
 
 def test_the_corpus_is_large_and_names_are_unique():
-    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+    assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
     assert set(SUBPROCESS_SAMPLE) <= {c.name for c in CASES}
 
 
@@ -180,11 +264,13 @@ def test_bad_input_is_refused_with_a_clear_message(case, base_plan_yaml, tmp_pat
     except SystemExit as exit_:  # argparse's own refusals
         status = exit_.code
     err = capsys.readouterr().err
-    assert status == 2, (argv, err)
-    assert "Traceback" not in err
+    assert status == 2, (argv, err[:3000])
+    assert "Traceback" not in err and "internal error" not in err
+    assert len(err) < MAX_ERR_CHARS, err[:3000]
     for text in case.expect:
         assert text in err, f"{text!r} not in the message:\n{err}"
     assert not (tmp_path / "out.yaml").exists()
+    assert not Path(f"{tmp_path}.tmp").exists() and not list(tmp_path.glob("*.tmp"))  # `plan --out DIR` leftovers
     assert not (ROOT / PWNED).exists() and not (tmp_path / PWNED).exists()
 
 
