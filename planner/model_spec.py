@@ -1,9 +1,9 @@
 """ModelSpec: the one structure that tells meshplan what to train, and how to load it from `file.py:function`.
 
 A MODEL argument on the command line is `path/to/file.py:function`; the function takes no arguments and returns
-a `ModelSpec`. The planner calls it under `torch.device("meta")` so no weight is ever allocated while planning;
-the runtime calls it on the real device after seeding the random generator, so every rank builds the same
-initial weights.
+a `ModelSpec` (or `hf:PATH?...`, a Hugging Face config built by planner/hf_source.py). The planner calls it
+under `torch.device("meta")` so no weight is ever allocated while planning; the runtime calls it on the real
+device after seeding the random generator, so every rank builds the same initial weights.
 """
 
 from __future__ import annotations
@@ -75,7 +75,19 @@ def resolve_model_source(source: str, base_dir: Path | None = None) -> tuple[Pat
 
 
 def load_model_spec(source: str, base_dir: Path | None = None, device: str | torch.device | None = None) -> ModelSpec:
-    """Import `file.py`, call `function()` (under `torch.device(device)` when given) and validate its ModelSpec."""
+    """Import `file.py`, call `function()` (under `torch.device(device)` when given) and validate its ModelSpec.
+
+    An `hf:PATH?...` source (planner/hf_source.py) builds a Hugging Face model from its config instead."""
+    if source.startswith("hf:"):
+        from planner.hf_source import load_hf_spec
+
+        if device is None:
+            result = load_hf_spec(source, base_dir)
+        else:
+            with torch.device(device):
+                result = load_hf_spec(source, base_dir)
+        result.validate(f"MODEL {source!r}")
+        return result
     path, func_name = resolve_model_source(source, base_dir)
     module_name = f"_meshplan_model_{abs(hash(str(path)))}"
     module = sys.modules.get(module_name)

@@ -31,6 +31,7 @@ from runtime.memory_techniques import apply_activation_checkpointing, apply_acti
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.preflight import check_machine_has_devices
+from runtime.profiling import profile_step, profiled_step
 from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, check_tensor_2d_supported
 from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
@@ -228,6 +229,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     probe = PeakMemoryProbe(device)
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
+    profiled = profiled_step(start_step, steps)  # --profile DIR (runtime/profiling.py)
     for step in range(start_step, steps):
         enter(step, "data")
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
@@ -235,11 +237,12 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         dist.barrier()
         enter(step, "step")
         start = time.perf_counter()
-        if step == tracked_step:
-            with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
-                loss = step_once(inputs, targets, next_microbatch)
-        else:
-            loss = step_once(inputs, targets)
+        with profile_step(step, profiled, dist.get_rank()):
+            if step == tracked_step:
+                with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
+                    loss = step_once(inputs, targets, next_microbatch)
+            else:
+                loss = step_once(inputs, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
