@@ -119,7 +119,7 @@ def test_qwen2_config_executes_on_4_ranks(tmp_path):
     subprocess.run([*run, "plan", "hf:qwen2", "--seq-len", "16", "--cluster", "cpu", "--world-size", "4",
                     "--out", "plan.yaml"], cwd=tmp_path, check=True, capture_output=True)
     done = subprocess.run([*run, "execute", str(tmp_path / "plan.yaml"), "--steps", "2", "--report-json",
-                           str(tmp_path / "report.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "report.json")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["losses"]) == 2 and all(math.isfinite(v) for v in report["losses"])
