@@ -32,6 +32,7 @@ from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.preflight import check_machine_has_devices
 from runtime.profiling import profile_step, profiled_step
+from runtime.quiet import silence_known_torch_warnings
 from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, check_tensor_2d_supported
 from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
@@ -199,6 +200,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     latest checkpoint's step instead of 0 (runtime/checkpointing.py). `watch` is told every step and phase
     (runtime/watchdog.py: hang detection)."""
     enter = watch.enter if watch is not None else lambda step, phase: None
+    silence_known_torch_warnings()  # runtime/quiet.py: torch's own deprecation noise, once per rank otherwise
     check_runtime_supports(plan)
     if checkpoint is not None:
         checkpoint.validate()

@@ -52,6 +52,7 @@ def test_execute_profile_writes_one_torch_profiler_trace_per_rank(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OMP_NUM_THREADS" not in done.stderr  # torchrun's banner: execute sets it for the ranks
+    assert "LeafSpec" not in done.stderr  # runtime/quiet.py
     for rank in range(2):
         trace = json.loads((tmp_path / "prof" / f"rank{rank}.json").read_text())
         names = [e.get("name", "") for e in trace["traceEvents"]]
