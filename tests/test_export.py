@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from pathlib import Path
 
 import pytest
@@ -77,7 +77,7 @@ def test_megatron_arguments_say_the_plan(plans):
     assert config.recompute_granularity == "full"
 
 
-def test_deepspeed_json_says_the_plan(plans):
+def test_deepspeed_json_says_the_plan(plans, monkeypatch):
     tp = copy.deepcopy(plans["tp"])
     tp.data_parallel.kind = "zero3"
     with pytest.raises(Exception, match="runs with ZeRO stages 0-2, not ZeRO-3"):
@@ -95,6 +95,8 @@ def test_deepspeed_json_says_the_plan(plans):
         def get_data_parallel_world_size(self):
             return dp
 
+    # it reads the rank first and falls back to world size 1 without a process group: answer as rank 0 does
+    monkeypatch.setattr(ds.dist, "get_rank", lambda *args, **kwargs: 0)
     parsed = ds.DeepSpeedConfig(config, mpu=DataParallel())
     assert parsed.train_batch_size == 8 and parsed.zero_optimization_stage == config["zero_optimization"]["stage"]
 
@@ -119,10 +121,10 @@ def test_torchtitan_overrides_parse_with_torchtitans_config_classes(plans):
     import tyro
     from torchtitan.config.manager import custom_registry
 
-    @dataclass
-    class Overrides:  # the two sections of torchtitan's Trainer.Config these overrides set
-        training: configs.TrainingConfig = field(default_factory=configs.TrainingConfig)
-        parallelism: configs.ParallelismConfig = field(default_factory=configs.ParallelismConfig)
+    # the two sections of torchtitan's Trainer.Config these overrides set (real classes, not string annotations)
+    Overrides = make_dataclass("Overrides", [
+        ("training", configs.TrainingConfig, field(default_factory=configs.TrainingConfig)),
+        ("parallelism", configs.ParallelismConfig, field(default_factory=configs.ParallelismConfig))])
 
     parsed = tyro.cli(Overrides, args=[t for line in lines[:-1] for t in line.split()], registry=custom_registry)
     assert (parsed.parallelism.pipeline_parallel_degree, parsed.parallelism.data_parallel_shard_degree) == (2, 2)

@@ -111,13 +111,14 @@ def test_missing_config_and_misused_flags_exit_2(tmp_path, capsys):
     assert "needs a sequence length (--seq-len S)" in capsys.readouterr().err
 
 
-def test_qwen2_config_executes_on_4_ranks(tmp_path):
-    """No Python from the user: plan a config.json with the CLI, move the plan and config elsewhere, execute on
-    4 gloo ranks; the relative config path resolves from the plan's folder."""
+def test_qwen2_config_executes_on_4_ranks(tmp_path, monkeypatch):
+    """No Python from the user: plan a config.json with the CLI (in this process), then execute the plan from
+    another folder on 4 gloo ranks; the relative config path resolves from the plan's folder."""
     write_config(tmp_path / "qwen2", CONFIGS["qwen2"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "hf:qwen2", "--seq-len", "16", "--cluster", "cpu", "--world-size", "4",
+                 "--out", "plan.yaml"]) == 0
     run = [sys.executable, "-m", "meshplan.cli"]
-    subprocess.run([*run, "plan", "hf:qwen2", "--seq-len", "16", "--cluster", "cpu", "--world-size", "4",
-                    "--out", "plan.yaml"], cwd=tmp_path, check=True, capture_output=True)
     done = subprocess.run([*run, "execute", str(tmp_path / "plan.yaml"), "--steps", "2", "--report-json",
                            str(tmp_path / "report.json")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -76,10 +76,11 @@ def test_bring_your_own_model_commands_parse():
 
     commands = checked_block("commands")
     assert len(commands) >= 5
+    parser = build_parser()
     for command in commands:
         words = command.split()
         assert words[0] == "meshplan", command
-        build_parser().parse_args(words[1:])
+        parser.parse_args(words[1:])
 
 
 def test_export_refusal_is_what_export_prints(quick_start_plan):
