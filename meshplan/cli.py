@@ -1,11 +1,13 @@
 """The `meshplan` command: plan, show, validate, diff, execute, calibrate.
 
     meshplan plan examples/gpt.py:build_gpt --cluster cpu --world-size 4 --out plan.yaml
-    meshplan show plan.yaml [--why] [--timeline FILE.png]
+    meshplan plan hf:config.json --seq-len 128 --global-batch 8 [--task causal-lm] --cluster h100 --world-size 64
+    meshplan show plan.yaml [--why] [--timeline FILE.png] [--trace FILE.json]
     meshplan validate plan.yaml examples/gpt.py:build_gpt --cluster cpu
     meshplan diff a.yaml b.yaml
+    meshplan export plan.yaml --to torchtitan|megatron|deepspeed [--out FILE]
     meshplan execute plan.yaml --steps 5 [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
-                     [--max-restarts N] [--timeout-s S] [--cluster NAME_OR_YAML]
+                     [--max-restarts N] [--timeout-s S] [--cluster NAME_OR_YAML] [--profile DIR]
     meshplan calibrate --out cluster.yaml [--base PRESET] [--nproc-per-node N] [--quick]
     meshplan calibrate --from-runs R1.json R2.json ... --cluster base.yaml --out tuned.yaml
 
@@ -97,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                              f"of writing it to a log file (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="search the fastest plan that fits and write it as YAML")
-    p.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec")
+    p.add_argument("model", help="path/to/file.py:function returning a meshplan.ModelSpec, or hf:PATH (a Hugging "
+                                 "Face config.json or model folder, built from its config with random weights)")
     p.add_argument("--cluster", required=True, help="preset name (cpu, a100-80g) or a cluster YAML file")
+    from planner.hf_source import TASKS
+
+    p.add_argument("--task", choices=TASKS, help="hf: only: what to train (default: the config's architectures)")
+    p.add_argument("--seq-len", type=_positive_int, help="hf: only: tokens per sample of the synthetic batch")
+    p.add_argument("--global-batch", type=_positive_int, help="hf: only: samples per optimizer step (default 8)")
     p.add_argument("--world-size", type=_world_size, required=True, help="number of devices (ranks)")
     p.add_argument("--mesh", type=_mesh, help="pin the mesh as PPxDPxTP or DPxTP (e.g. 2x2) instead of searching")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -112,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "each lost")
     s.add_argument("--timeline", metavar="FILE.png", help="also draw the pipeline schedule (one row per pipeline "
                                                           "rank, predicted times) to this image")
+    s.add_argument("--trace", metavar="FILE.json", help="also write the predicted schedule as a Chrome trace "
+                                                        "(Perfetto, chrome://tracing)")
     v = sub.add_parser("validate", help="check a (hand-edited) plan against the model and cluster and price it "
                                         "again with the planner's cost model")
     v.add_argument("plan")
@@ -144,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--accept-model-change", action="store_true",
                    help="import the MODEL file even though its sha256 differs from the one the plan recorded "
                         "(its traced graph must still match the plan)")
+    e.add_argument("--profile", metavar="DIR", help="record the last step of every rank with torch.profiler as "
+                                                    "DIR/rank{R}.json (Chrome trace)")
+    from meshplan.export import add_arguments as add_export_arguments
+
+    add_export_arguments(sub.add_parser("export", help="write the plan as a torchtitan, Megatron-LM or DeepSpeed "
+                                                       "config (the nearest one it can say, re-costed)"))
     c = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a cluster "
                                          "YAML for --cluster (starts torchrun when needed)")
     from costmodel.calibrate import add_arguments
@@ -165,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_path("--out", args.out)
         if args.progress:
             os.environ[PROGRESS_ENV] = "1"
-        result = plan(args.model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
+        from planner.hf_source import source_from_arguments
+
+        model = source_from_arguments(args.model, args.task, args.seq_len, args.global_batch)
+        result = plan(model, args.cluster, args.world_size, mesh=args.mesh, param_dtype=args.param_dtype)
         result.save(args.out)
         print(format_plan(result))
         print(f"\nwrote {args.out}")
@@ -180,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
 
             draw_timeline(shown, args.timeline)
             print(f"\nwrote {args.timeline}" + ("" if shown.mesh.pp > 1 else " (pp = 1: no pipeline, one row)"))
+        if args.trace:
+            from meshplan.trace import write_predicted_trace
+
+            write_predicted_trace(shown, args.trace)
+            print(f"\nwrote {args.trace}")
         return 0
     if args.command == "validate":
         from meshplan.validate import check_fits, validate_plan
@@ -207,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
         from runtime.execute import DEFAULT_TIMEOUT_S, execute, inside_torchrun, run_plan_in_torchrun
 
         timeout_s = DEFAULT_TIMEOUT_S if args.timeout_s is None else args.timeout_s
+        if args.profile:  # read by each rank's train loop (runtime/profiling.py); torchrun passes it down
+            from runtime.profiling import PROFILE_ENV
+
+            os.environ[PROFILE_ENV] = str(Path(args.profile).resolve())
         checkpoint_kwargs = dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                                  resume=args.resume)
         if inside_torchrun():
@@ -233,6 +261,10 @@ def run(args: argparse.Namespace) -> int:
         _, text = tune_from_runs(args.from_runs, base, args.out, args.on_measured_machine, name)
         print(text)
         return 0
+    if args.command == "export":
+        from meshplan.export import run_export
+
+        return run_export(args)
     if args.command == "calibrate":
         from costmodel.calibrate import calibrate
 

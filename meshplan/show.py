@@ -15,6 +15,8 @@ from planner.plan import Plan, Prediction
 
 BAR_WIDTH = 24
 MAX_GROUPS_SHOWN = 6
+MAX_RANKS_LISTED = 6
+GROUPS_WIDTH = 56  # with the first three columns, a rank-layout row stays within 120 columns
 
 
 def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
@@ -68,9 +70,28 @@ def rank_groups(plan: Plan) -> dict[str, list[list[int]]]:
 
 
 def _ranks(ranks: list[int]) -> str:
+    """A rank list as a range `a-b`, an arithmetic run `a,b,..,z` (stride b - a), or the first few and a count:
+    a dp group of 1,024 ranks stays one short cell."""
     if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)):
         return f"{ranks[0]}-{ranks[-1]}"
+    stride = ranks[1] - ranks[0] if len(ranks) > 1 else 0
+    if len(ranks) > 3 and stride > 0 and ranks == list(range(ranks[0], ranks[-1] + 1, stride)):
+        return f"{ranks[0]},{ranks[1]},..,{ranks[-1]}"
+    if len(ranks) > MAX_RANKS_LISTED:
+        return ",".join(map(str, ranks[:MAX_RANKS_LISTED - 1])) + f",..,{ranks[-1]} ({len(ranks)} ranks)"
     return ",".join(map(str, ranks))
+
+
+def _groups(groups: list[list[int]]) -> str:
+    """The first groups that fit in GROUPS_WIDTH characters (at least one), then how many there are."""
+    shown = []
+    for group in groups[:MAX_GROUPS_SHOWN]:
+        cell = f"[{_ranks(group)}]"
+        if shown and len(" ".join([*shown, cell])) > GROUPS_WIDTH:
+            break
+        shown.append(cell)
+    more = f" ... ({len(groups)} groups)" if len(shown) < len(groups) else ""
+    return " ".join(shown) + more
 
 
 def format_mesh(plan: Plan) -> list[str]:
@@ -95,11 +116,7 @@ def format_mesh(plan: Plan) -> list[str]:
     lines.append("")
     rows = []
     for name, groups in rank_groups(plan).items():
-        shown = " ".join(f"[{_ranks(g)}]" for g in groups[:MAX_GROUPS_SHOWN])
-        if len(groups[0]) == 1:
-            shown = "every rank alone (axis of size 1)"
-        elif len(groups) > MAX_GROUPS_SHOWN:
-            shown += f" ... ({len(groups)} groups)"
+        shown = "every rank alone (axis of size 1)" if len(groups[0]) == 1 else _groups(groups)
         rows.append([name, str(len(groups)), str(len(groups[0])), shown])
     return lines + format_table(["rank layout", "groups", "size", "global ranks"], rows, right={1, 2})
 

@@ -1,13 +1,14 @@
 """ModelSpec: the one structure that tells meshplan what to train, and how to load it from `file.py:function`.
 
 A MODEL argument on the command line is `path/to/file.py:function`; the function takes no arguments and returns
-a `ModelSpec`. The planner calls it under `torch.device("meta")` so no weight is ever allocated while planning;
-the runtime calls it on the real device after seeding the random generator, so every rank builds the same
-initial weights.
+a `ModelSpec` (or `hf:PATH?...`, a Hugging Face config built by planner/hf_source.py). The planner calls it
+under `torch.device("meta")` so no weight is ever allocated while planning; the runtime calls it on the real
+device after seeding the random generator, so every rank builds the same initial weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import sys
@@ -83,10 +84,18 @@ SHA_ATTRIBUTE = "__meshplan_sha256__"
 """Set on an imported MODEL module: the sha256 of the bytes it was executed from."""
 
 
+def model_file_path(source: str, base_dir: Path | None = None) -> Path:
+    """The file a MODEL reference names: `file.py` of `file.py:function`, the config.json of an `hf:` source."""
+    if source.startswith("hf:"):
+        from planner.hf_source import config_file_of
+
+        return config_file_of(source, base_dir)
+    return resolve_model_source(source, base_dir)[0]
+
+
 def model_file_sha256(source: str, base_dir: Path | None = None) -> str:
     """sha256 (hex) of the file a MODEL reference names, as a plan records it in `model.source_sha256`."""
-    path, _ = resolve_model_source(source, base_dir)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(model_file_path(source, base_dir).read_bytes()).hexdigest()
 
 
 def _module_name(path: Path) -> str:
@@ -98,8 +107,9 @@ def import_model_file(source: str, base_dir: Path | None = None, expected_sha256
 
     With `expected_sha256`, the bytes are hashed and compared before anything runs, and those same bytes are
     executed (no window for the file to change between the check and the import); a mismatch raises
-    ModelFileChangedError. A file that calls sys.exit() while importing is a ModelSpecError, not an exit."""
-    path, _ = resolve_model_source(source, base_dir)
+    ModelFileChangedError. A file that calls sys.exit() while importing is a ModelSpecError, not an exit.
+    An `hf:` source's config.json is only checked (it is data, read by transformers): (None, its path)."""
+    path = model_file_path(source, base_dir)
     name = _module_name(path)
     code_bytes = path.read_bytes()
     found = hashlib.sha256(code_bytes).hexdigest()
@@ -113,7 +123,7 @@ def import_model_file(source: str, base_dir: Path | None = None, expected_sha256
             f"{expected_sha256[:16]}... in the plan's model.source_sha256), so it was not imported. Re-run "
             "`meshplan plan` for the new file, or pass --accept-model-change to run it knowingly (the traced "
             "graph must still match the plan's fingerprint)")
-    if module is not None:
+    if module is not None or source.startswith("hf:"):
         return module, path
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -139,7 +149,17 @@ def _describe(err: BaseException) -> str:
 def load_model_spec(source: str, base_dir: Path | None = None, device: str | torch.device | None = None,
                     expected_sha256: str | None = None) -> ModelSpec:
     """Import `file.py` (refused unless its sha256 is `expected_sha256`, when given), call `function()` (under
-    `torch.device(device)` when given) and validate its ModelSpec."""
+    `torch.device(device)` when given) and validate its ModelSpec.
+
+    An `hf:PATH?...` source (planner/hf_source.py) builds a Hugging Face model from its config instead."""
+    if source.startswith("hf:"):
+        from planner.hf_source import load_hf_spec
+
+        import_model_file(source, base_dir, expected_sha256)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            result = load_hf_spec(source, base_dir)
+        result.validate(f"MODEL {source!r}")
+        return result
     _, func_name = resolve_model_source(source, base_dir)
     module, path = import_model_file(source, base_dir, expected_sha256)
     func = getattr(module, func_name, None)

@@ -38,7 +38,8 @@ class ModelRef:
     """Which model the plan was made for."""
 
     source: str
-    """`path/to/file.py:function` returning a ModelSpec; relative paths resolve from the cwd or the plan's folder."""
+    """`path/to/file.py:function` returning a ModelSpec, or `hf:PATH?task=..&seq-len=..&global-batch=..` (a Hugging
+    Face config, planner/hf_source.py); relative paths resolve from the cwd or the plan's folder."""
     fingerprint: str
     """Hash of the traced forward graph; `execute` refuses a model whose graph differs."""
     num_parameters: int

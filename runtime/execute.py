@@ -237,6 +237,10 @@ def launch(plan_file: Path, world_size: int, rank_args: list[str], max_restarts:
     env = {**env, **rank_import_environment()}
     if max_restarts > 0:  # a fresh rendezvous store per attempt (see store_for_this_attempt)
         env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
+        # torchrun sets 1 and prints a banner saying so when this is unset; give each local rank its share of the
+        # cores instead (what torchrun's banner recommends tuning), so the banner does not print
+        env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world_size))}
     with _environment(**env):
         config, command, command_args = config_from_args(args)
         try:

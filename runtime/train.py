@@ -32,6 +32,8 @@ from runtime.memory_techniques import apply_activation_checkpointing, apply_acti
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.pipeline import PipelineParts, build_pipeline, check_pipeline_supported, pipeline_train_step
 from runtime.preflight import check_machine_has_devices
+from runtime.profiling import profile_step, profiled_step
+from runtime.quiet import silence_known_torch_warnings
 from runtime.sequence_parallel import apply_sequence_parallel
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d, check_tensor_2d_supported
 from runtime.vocab_parallel import apply_vocab_parallel, loss_context, loss_value
@@ -205,6 +207,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     latest checkpoint's step instead of 0 (runtime/checkpointing.py). `watch` is told every step and phase
     (runtime/watchdog.py: hang detection)."""
     enter = watch.enter if watch is not None else lambda step, phase: None
+    silence_known_torch_warnings()  # runtime/quiet.py: torch's own deprecation noise, once per rank otherwise
     check_runtime_supports(plan)
     if checkpoint is not None:
         checkpoint.validate()
@@ -236,6 +239,7 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
     tracked_step = start_step + (1 if steps - start_step >= 3 else steps - start_step - 1)
     losses, times, every_time = [], [], []
     machine_before = None
+    profiled = profiled_step(start_step, steps)  # --profile DIR (runtime/profiling.py)
     for step in range(start_step, steps):
         enter(step, "data")
         inputs, targets = local_batch(spec, step, dp_rank, dp, device)
@@ -243,11 +247,12 @@ def run_rank(plan: Plan, steps: int, plan_dir: Path | None = None,
         dist.barrier()
         enter(step, "step")
         start = time.perf_counter()
-        if step == tracked_step:
-            with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
-                loss = step_once(inputs, targets, next_microbatch)
-        else:
-            loss = step_once(inputs, targets)
+        with profile_step(step, profiled, dist.get_rank()):
+            if step == tracked_step:
+                with probe.track(model, optimizer, per_module=parts is None) as next_microbatch:
+                    loss = step_once(inputs, targets, next_microbatch)
+            else:
+                loss = step_once(inputs, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start

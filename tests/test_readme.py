@@ -68,3 +68,25 @@ def test_quick_start_and_test_commands_are_what_ci_runs():
            "meshplan execute plan.yaml --steps 5" in README
     for path in re.findall(r"\((docs/[\w./-]+)\)", README):
         assert (ROOT / path).is_file(), path
+
+
+def test_bring_your_own_model_commands_parse():
+    """Every command of the "Bring your own model" block is one the `meshplan` parser accepts as written."""
+    from meshplan.cli import build_parser
+
+    commands = checked_block("commands")
+    assert len(commands) >= 5
+    parser = build_parser()
+    for command in commands:
+        words = command.split()
+        assert words[0] == "meshplan", command
+        parser.parse_args(words[1:])
+
+
+def test_export_refusal_is_what_export_prints(quick_start_plan):
+    """The "Export to your trainer" block is what `meshplan export --to megatron` says of the quick-start plan."""
+    from meshplan.export import ExportError, export_plan
+
+    with pytest.raises(ExportError) as refused:
+        export_plan(quick_start_plan, "megatron")
+    assert checked_block("export") == [f"meshplan export: error: {refused.value}"]
