@@ -183,7 +183,7 @@ def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
     post = nn.modules.module.register_module_forward_hook(attributor.post_hook)
     try:
         with fx_traceback.preserve_node_meta():
-            gm = make_fx(step, tracing_mode="fake")(params, buffers, inputs, targets)
+            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(params, buffers, inputs, targets)
     except Exception as err:
         raise CaptureError(describe_trace_failure(err, attributor, model)) from err
     finally:

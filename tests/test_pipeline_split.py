@@ -4,6 +4,7 @@ PlanErrors for pipeline plans the runtime cannot run."""
 from __future__ import annotations
 
 import copy
+import operator
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,30 @@ def test_values_skipping_stages_are_relayed_through_the_stages_between():
     assert [len(call.args) for call in calls] == [1, 3, 3, 3]  # stages 2 and 3 get cos, sin from 1 and 2
     values = (tokens,)
     for stage in range(pipe_plan.num_stages):
+        out = pipe.get_stage_module(stage)(*values)
+        values = out if isinstance(out, tuple) else (out,)
+    torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
+
+
+def test_stage_inputs_are_received_in_the_order_the_stage_before_sends_them():
+    """The planner's own 2 x 2 x 1 plan for transformers' Llama puts the rotary embedding alone on stage 1; it
+    returns (cos, sin, relayed hidden states) and the export lists the next block's inputs as (hidden, cos, sin).
+    The schedule sends outputs in output order and receives in input order with one tag, so every stage's
+    inputs must follow its neighbour's outputs (else gloo aborts on the size mismatch); and the chained stages
+    still compute the model."""
+    planned = plan(f"{ROOT}/examples/hf_llama.py:build_hf_llama", "cpu", 4, mesh=(2, 2, 1))
+    assert [layer.path for layer in planned.layers if layer.stage == 1] == ["llama.model.rotary_emb"]
+    torch.manual_seed(0)
+    spec = load_model_spec(planned.model.source)
+    original = copy.deepcopy(spec.model)
+    (tokens,), _ = spec.make_batch(planned.micro_batch_size, 0)
+    pipe = trace_pipeline(planned, spec)
+    calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
+    for previous, call in zip(calls, calls[1:], strict=False):
+        sent = [user for user in previous.users if user.target is operator.getitem] or [previous]
+        assert list(call.args) == sorted(sent, key=lambda node: node.args[1] if node is not previous else 0), call
+    values = (tokens,)
+    for stage in range(planned.num_stages):
         out = pipe.get_stage_module(stage)(*values)
         values = out if isinstance(out, tuple) else (out,)
     torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
