@@ -19,6 +19,11 @@ neighbour returns them (Llama's rotary embedding alone on a stage returns cos, s
 states; the next block takes the hidden states first), the receives get messages of another size and gloo
 aborts ("Received data size doesn't match expected size"; same-sized values would silently swap).
 `order_inputs_as_sent` permutes each stage's inputs into its neighbour's output order.
+
+Layout matters as well: gloo sends and receives only contiguous tensors, and torch builds receive buffers with
+the strides the export recorded. ConvNeXt's stage outputs are channels-last views (`permute` around its
+LayerNorm), so `make_boundaries_contiguous` makes every value that leaves a stage contiguous, in the graph
+and in the recorded shapes both sides read.
 """
 
 from __future__ import annotations
@@ -138,3 +143,39 @@ def order_inputs_as_sent(pipe) -> int:
     pipe.split_gm.graph.lint()
     pipe.split_gm.recompile()
     return reordered
+
+
+def _contiguous_val(node: fx.Node) -> None:
+    val = node.meta.get("val")
+    if val is not None and hasattr(val, "is_contiguous") and not val.is_contiguous():
+        node.meta["val"] = val.contiguous()
+
+
+def make_boundaries_contiguous(pipe) -> int:
+    """Make every tensor a stage returns contiguous (a `.contiguous()` before the output, a no-op for values
+    that already are) and record contiguous strides for the outputs and for the next stages' inputs. Returns
+    how many stage outputs were not contiguous."""
+    changed = 0
+    for call in [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]:
+        module = pipe.split_gm.get_submodule(call.target)
+        graph = module.graph
+        output = _output_node(graph)
+        outputs = output.args[0]
+        single = not isinstance(outputs, (tuple, list))
+        items = [outputs] if single else list(outputs)
+        fixed = []
+        for item in items:
+            val = item.meta.get("val") if isinstance(item, fx.Node) else None
+            if val is None or not hasattr(val, "is_contiguous") or val.is_contiguous():
+                fixed.append(item)
+                continue
+            with graph.inserting_before(output):
+                made = graph.call_method("contiguous", (item,))
+            made.meta = dict(item.meta, val=val.contiguous())
+            fixed.append(made)
+            changed += 1
+        output.args = (fixed[0] if single else type(outputs)(fixed),)
+        module.recompile()
+        for placeholder in (node for node in graph.nodes if node.op == "placeholder"):
+            _contiguous_val(placeholder)
+    return changed

@@ -111,6 +111,30 @@ def test_stage_inputs_are_received_in_the_order_the_stage_before_sends_them():
     torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("start", ["convnext.convnext.encoder.stages.1", "convnext.convnext.layernorm"])
+def test_values_between_stages_are_contiguous(start):
+    """ConvNeXt's blocks return channels-last views (a permute around their LayerNorm); gloo's isend refuses
+    non-contiguous tensors and torch builds receive buffers with the traced strides, so every value that
+    crosses a stage boundary is made contiguous on both sides, and the chained stages still compute the model."""
+    pipe_plan = pipeline_plan(f"{ROOT}/tests/zoo_models.py:build_convnext", 2, 1, 1, "1f1b", 2, (start,))
+    torch.manual_seed(0)
+    spec = load_model_spec(pipe_plan.model.source)
+    original = copy.deepcopy(spec.model)
+    (images,), _ = spec.make_batch(pipe_plan.micro_batch_size, 0)
+    pipe = trace_pipeline(pipe_plan, spec)
+    values = (images,)
+    for stage in range(pipe_plan.num_stages):
+        graph = pipe.get_stage_module(stage).graph
+        boundary = [node.meta["val"] for node in graph.nodes if node.op == "placeholder"] if stage else []
+        output = next(node for node in graph.nodes if node.op == "output").args[0]
+        boundary += [node.meta["val"] for node in (output if isinstance(output, (tuple, list)) else [output])]
+        assert all(val.is_contiguous() for val in boundary), (stage, [val.stride() for val in boundary])
+        out = pipe.get_stage_module(stage)(*values)
+        values = out if isinstance(out, tuple) else (out,)
+        assert all(value.is_contiguous() for value in values)
+    torch.testing.assert_close(values[0], original(images), rtol=0, atol=0)
+
+
 def test_model_inputs_past_the_first_stage_are_refused():
     skip_plan = plan(f"{MODELS}:build_input_skip", "cpu", 1)
     assert [layer.path for layer in skip_plan.layers] == ["a", "b", "c"]
