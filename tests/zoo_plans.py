@@ -36,8 +36,8 @@ def model_source(name: str) -> str:
     return f"{SOURCE}:build_{name}"
 
 
-def zoo_plans(name: str) -> dict[str, Plan | PlanError]:
-    """The model's plans by name (MESHES), or the PlanError `plan` raised for it."""
+def zoo_plans(name: str, keys=tuple(MESHES)) -> dict[str, Plan | PlanError]:
+    """The model's plans by name (those of MESHES in `keys`), or the PlanError `plan` raised for it."""
     source = model_source(name)
     spec = load_model_spec(source, device="meta")
     graph = build_model_graph(spec)
@@ -45,6 +45,8 @@ def zoo_plans(name: str) -> dict[str, Plan | PlanError]:
     units = {layer.path: layer.tp_units for layer in graph.layers}
     plans: dict[str, Plan | PlanError] = {}
     for key, mesh in MESHES.items():
+        if key not in keys:
+            continue
         try:
             found = search_plans(spec.model, graph, cluster, WORLD_SIZE, spec.global_batch_size, "float32", mesh)
         except PlanError as err:
