@@ -99,3 +99,15 @@ def test_readme_supported_models_table_is_the_zoo():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert supported_models_table() in readme, "README's zoo table is stale: run python tests/zoo_table.py"
     assert len(ZOO) >= 20
+
+
+def test_a_tiny_model_on_cpu_ranks_is_not_offloaded():
+    """On CPU ranks the host is the same memory, and the host runs the same per-tensor AdamW loop as the device:
+    an offloaded optimizer step pays the profile's per-tensor overhead too, so a model using 0.1% of memory is
+    not planned as zero3 + host offload (it was, for most of the zoo, when offload skipped that overhead)."""
+    from zoo_plans import model_source
+
+    from planner.api import plan
+
+    chosen = plan(model_source("llama"), "cpu", 4)
+    assert not chosen.data_parallel.offload, chosen.data_parallel
