@@ -31,6 +31,12 @@ REFUSED = {(name, "pp2xdp2"): TIED for name in
 """(model, plan) -> why `plan` refuses it: the head is tied to the token embedding, so no stage boundary can
 fall between them (the error names the tied weights)."""
 
+INPLACE = "inplace"
+KNOWN_FAILURES = {("falcon", "dp2xtp2"): INPLACE}
+"""(model, plan) -> why it fails at execute today (not yet refused at plan time; the zoo does not run it):
+Falcon's parallel block adds in place onto the row-parallel MLP output (`mlp_output += attention_output`), a
+view that DTensor's `to_local` returns, which autograd refuses to modify in place."""
+
 
 def model_source(name: str) -> str:
     return f"{SOURCE}:build_{name}"
