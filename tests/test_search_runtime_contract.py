@@ -78,9 +78,9 @@ def test_every_searchable_configuration_is_runnable(traced, world_size, param_dt
     assert any(s[4] for s in shapes) == (cluster.host_link is not None)
 
 
-PIPELINE_MODELS = ["qwen2", "mixtral"]
-"""Zoo decoders whose every pipeline cut is checked (rotary tables relayed, a rotary embedding alone on a stage,
-MoE layers on either side)."""
+PIPELINE_MODELS = ["qwen2"]
+"""Zoo decoders whose every pipeline cut is checked (rotary tables relayed, a rotary embedding alone on a stage);
+`mixtral` passes too but doubles the time (each cut is a torch.export)."""
 
 
 @pytest.mark.parametrize("name", PIPELINE_MODELS)
