@@ -111,8 +111,7 @@ def test_stage_inputs_are_received_in_the_order_the_stage_before_sends_them():
     torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("start", ["convnext.convnext.encoder.stages.1", "convnext.convnext.layernorm"])
-def test_values_between_stages_are_contiguous(start):
+def test_values_between_stages_are_contiguous(start="convnext.convnext.encoder.stages.1"):
     """ConvNeXt's blocks return channels-last views (a permute around their LayerNorm); gloo's isend refuses
     non-contiguous tensors and torch builds receive buffers with the traced strides, so every value that
     crosses a stage boundary is made contiguous on both sides, and the chained stages still compute the model."""
