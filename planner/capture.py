@@ -128,6 +128,22 @@ def _first_user_frame(err: BaseException) -> str:
 _OP_PATTERN = re.compile(r"\b(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?|[A-Za-z0-9_]+::[A-Za-z0-9_.]+)")
 
 
+_DTYPE_RULE = re.compile(r"Expected (inputs|mat_a|mat_b|.*) (of|to be) .*(BF16|Float|Half|bfloat16|float)", re.I)
+
+
+def _fake_dtype_rule(text: str) -> bool:
+    """A fake kernel's dtype check failed (`Expected inputs of BF16 type but got mat_a.dtype=torch.float32`)."""
+    return "dtype" in text and bool(_DTYPE_RULE.search(text))
+
+
+def _kernel_of(err: BaseException) -> str:
+    """The aten op whose meta kernel raised, from the traceback's `meta_<op>` frame (`meta_grouped_mm`)."""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if frame.name.startswith("meta_"):
+            return f"aten._{frame.name.removeprefix('meta_')} (its fake kernel {frame.name})"
+    return f"unknown ({type(err).__name__})"
+
+
 def describe_trace_failure(err: BaseException, attributor: _ModuleAttributor, model: nn.Module) -> str:
     """The CaptureError message: the op that failed, the user's source line, the module running, and the fix."""
     text = str(err).splitlines()[0] if str(err) else ""
@@ -142,6 +158,14 @@ def describe_trace_failure(err: BaseException, attributor: _ModuleAttributor, mo
         op = "aten._local_scalar_dense (reading a tensor's value: `.item()`, `bool(t)`, `int(t)`, `if t ...:`)"
         fix = ("compute without reading values: `torch.where` / masks instead of `if`, sizes from shapes instead of "
                "`.item()`, or `torch.cond` for a real branch")
+    elif _fake_dtype_rule(text):
+        found = _OP_PATTERN.search(text)
+        op = found.group(1) if found else _kernel_of(err)
+        fix = ("the op's fake (meta) kernel refuses these dtypes although it has one (its dtype rule is a GPU "
+               "kernel's: `grouped_mm` wants bfloat16 on fake tensors and takes float32 on CPU); compute in a "
+               "dtype the fake kernel accepts or use another implementation. transformers mixture-of-experts "
+               "models: set `config._experts_implementation = \"batched_mm\"` (dense experts as batched "
+               "matmuls; \"eager\" loops over experts with data-dependent sizes and does not trace)")
     else:
         found = _OP_PATTERN.search(text)
         op = found.group(1) if found else f"unknown ({type(err).__name__})"
@@ -204,7 +228,7 @@ def capture_training_step(spec: ModelSpec, batch_size: int) -> CapturedStep:
     post = nn.modules.module.register_module_forward_hook(attributor.post_hook)
     try:
         with fx_traceback.preserve_node_meta():
-            gm = make_fx(step, tracing_mode="fake")(params, buffers, inputs, targets)
+            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(params, buffers, inputs, targets)
     except Exception as err:
         raise CaptureError(describe_trace_failure(err, attributor, model)) from err
     finally:

@@ -194,9 +194,12 @@ class ConfigPricer:
             mixed = config.param_dtype != "float32"
             if config.offload:
                 # offloaded states are updated by the host CPU; the profile has no host-memory figure, so its
-                # traffic is priced at the host link's bandwidth (a GPU's share of host DRAM is of that order)
+                # traffic is priced at the host link's bandwidth (a GPU's share of host DRAM is of that order);
+                # the host runs the same per-tensor AdamW loop, so it pays the same per-tensor overhead (without
+                # it, tiny models on the `cpu` preset, where that overhead dominates, chose zero3 + offload)
                 touched = owned * optimizer_bytes_per_param("adamw", config.param_dtype, mixed)
-                optimizer_s = host_transfer_time_s(touched, self.cluster) if owned else 0.0
+                optimizer_s = (host_transfer_time_s(touched, self.cluster)
+                               + self.num_tensors[index] * self.cluster.optimizer_tensor_overhead_s) if owned else 0.0
             else:
                 optimizer_s = optimizer_step_time_s(owned, self.cluster, optimizer="adamw",
                                                     param_dtype=config.param_dtype, master_weights=mixed,

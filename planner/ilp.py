@@ -30,6 +30,9 @@ makes ties deterministic.
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 
 import pulp
@@ -52,9 +55,30 @@ class Option:
         return self.memory_bytes + self.activation_bytes
 
 
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS's C library prints a two-line banner on stdout (file descriptor 1, out of Python's reach) the first
+    time a process builds a solver, whatever `msg` says; build that first one with fd 1 on /dev/null, so
+    `meshplan plan` prints only its own output (and `plan --out -`-style pipes stay clean)."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solver() -> pulp.LpSolver:
     highs = pulp.HiGHS(msg=False)
     if highs.available():
+        _silence_highs_banner()
         return highs
     return pulp.PULP_CBC_CMD(msg=False)
 

@@ -95,7 +95,7 @@ class _InitRecorder(TorchDispatchMode):
             key = target.untyped_storage()._cdata
             scalars = all(not isinstance(a, torch.Tensor) for a in args[1:]) and all(
                 not isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "generator")
-            if name in REPLAYABLE_OPS and scalars and target.storage_offset() == 0 and key in self.ops:
+            if name in REPLAYABLE_OPS and scalars and target.storage_offset() == 0 and self.ops.get(key) is not None:
                 self.ops[key].append(InitOp(func, tuple(args[1:]),
                                             {k: v for k, v in kwargs.items() if k != "generator"}))
                 self.targets.setdefault(key, set()).add(tuple(target.shape))

@@ -73,6 +73,51 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> 
                     raise PlanError(f"layer {layer.path}: {rel} has {dim} features, not divisible by "
                                     f"tp={tp_mesh.size()}")
         parallelize_module(module, tp_mesh, styles)
+        gather_replicated_gradients(module, layer)
+
+
+def _full_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+
+
+def _hook_replicated_parameters(owner: nn.Module, args) -> None:
+    """Forward pre-hook: give the plain parameters `owner` trains this forward (FSDP2's unsharded ones too, which
+    are other tensors than the sharded ones) a gradient hook that turns a DTensor gradient into the whole
+    gradient, once per tensor."""
+    for name in owner._meshplan_replicated:
+        param = owner._parameters.get(name)
+        if isinstance(param, torch.Tensor) and not isinstance(param, DTensor) and param.requires_grad \
+                and not getattr(param, "_meshplan_full_gradient", False):
+            param.register_hook(_full_gradient)
+            param._meshplan_full_gradient = True
+
+
+def gather_replicated_gradients(module: nn.Module, layer: LayerPlan) -> None:
+    """Plain (replicated) parameters used between a unit's column and row linears get plain gradients.
+
+    Inside a unit the activations are DTensors sharded on the features (heads); a plain parameter that meets
+    them under implicit replication (Swin's `relative_position_bias_table`, added to the attention scores of each
+    head) receives a DTensor gradient (`Shard(1)`), which FSDP2's reduce-scatter cannot take (`fsdp.chunk_cat`
+    has no sharding strategy) and DDP would not reduce. Every plain parameter under the module holding a unit's
+    column linears (other than the unit's linears) gets a gradient hook that gathers such a gradient into the
+    whole one (`full_tensor`: an all-gather of the shards or a sum of partial values over tp), which is the
+    gradient one process computes.
+    """
+    for unit in layer.tensor_parallel:
+        parent = unit.colwise[0].rpartition(".")[0]
+        for col in unit.colwise[1:]:
+            while parent and not (col == parent or col.startswith(parent + ".")):
+                parent = parent.rpartition(".")[0]
+        scope = module.get_submodule(parent) if parent else module
+        linears = {*unit.colwise, unit.rowwise}
+        for rel, owner in scope.named_modules():
+            path = f"{parent}.{rel}".strip(".") if rel else parent
+            if path in linears or any(path.startswith(linear + ".") for linear in linears):
+                continue
+            names = [name for name, param in owner.named_parameters(recurse=False) if not isinstance(param, DTensor)]
+            if names and not hasattr(owner, "_meshplan_replicated"):
+                owner._meshplan_replicated = names
+                owner.register_forward_pre_hook(_hook_replicated_parameters)
 
 
 def forward_context(plan: Plan) -> contextlib.AbstractContextManager:

@@ -65,7 +65,12 @@ from runtime.data_parallel import DDP_KINDS, apply_data_parallel, autocast_conte
 from runtime.memory_techniques import apply_activation_checkpointing, apply_activation_offload
 from runtime.parallelize import apply_tensor_parallel, forward_context
 from runtime.sequence_parallel import apply_sequence_parallel, sequence_local_modules
-from runtime.stage_relay import produced_value, relay_skipping_values
+from runtime.stage_relay import (
+    make_boundaries_contiguous,
+    order_inputs_as_sent,
+    produced_value,
+    relay_skipping_values,
+)
 from runtime.tensor_parallel_2d import apply_tensor_parallel_2d
 from runtime.vocab_parallel import apply_vocab_parallel, check_vocab_layers, loss_context, loss_value
 
@@ -178,6 +183,8 @@ def trace_pipeline(plan: Plan, spec: ModelSpec, device: torch.device | None = No
     check_stage_parameters(plan, pipe)
     relay_skipping_values(pipe)
     check_neighbour_inputs(pipe)
+    order_inputs_as_sent(pipe)
+    make_boundaries_contiguous(pipe)
     return pipe
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,9 +107,12 @@ class RunReport:
             return f"{name:<26}{predicted:>12.3f}{measured:>12.3f}{error_text}"
 
         cluster_name = self.cluster_name
-        lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms)
-                     + (f"  as planned, on {cluster_name!r}" if cluster_name else ""))
-        if self.machine_step_time_ms is not None:
+        planned_on = f"  as planned, on {cluster_name!r}" if cluster_name else ""
+        if math.isnan(self.measured_step_time_ms):  # every step ran was warm-up or memory tracking
+            lines.append(f"{'step time (ms)':<26}{self.predicted_step_time_ms:>12.3f}  {TOO_FEW_STEPS}{planned_on}")
+        else:
+            lines.append(row("step time (ms)", self.predicted_step_time_ms, self.measured_step_time_ms) + planned_on)
+        if self.machine_step_time_ms is not None and not math.isnan(self.measured_step_time_ms):
             lines.append(row("  on this machine", self.machine_step_time_ms, self.measured_step_time_ms)
                          + "  re-costed on the machine as measured in this run")
         elif self.machine_note:
@@ -121,9 +125,15 @@ class RunReport:
                 lines.append(row(f"  {category.lower()} at peak", predicted_mib, measured_mib))
         lines += ["", "rank  step time (ms, median)  peak memory (MiB)  predicted (MiB)"]
         for r in self.ranks:
-            lines.append(f"{r.rank:>4}  {median_step_time_s(r) * 1e3:>22.3f}  {r.peak_memory_bytes / MIB:>17.3f}"
+            median_ms = median_step_time_s(r) * 1e3
+            median_text = f"{median_ms:>22.3f}" if not math.isnan(median_ms) else f"{'too few steps':>22}"
+            lines.append(f"{r.rank:>4}  {median_text}  {r.peak_memory_bytes / MIB:>17.3f}"
                          f"  {self.predicted_peak_memory_mib:>15.3f}")
         return "\n".join(lines)
+
+
+TOO_FEW_STEPS = ("too few steps to time: the first step warms up and the second tracks memory; run 3 or more "
+                 "(--steps 3)")
 
 
 def describe_setup(plan) -> str:

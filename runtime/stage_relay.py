@@ -11,6 +11,19 @@ The rewrite touches only fx graphs: the split graph (`pipe.split_gm`, which `_Pi
 communication) and the stage modules' graphs (a new placeholder, and the output tuple grown by one). torch's
 traced stage reads output index i of a stage from its i-th `getitem` user, so new getitems go after the
 existing ones.
+
+Order matters too: a stage sends its outputs in output order, and the next stage posts its receives in the order
+of its inputs (placeholders); torch.distributed.pipelining gives every message between two ranks the same tag,
+so the transport matches them by order. When the export lists a stage's inputs in another order than its
+neighbour returns them (Llama's rotary embedding alone on a stage returns cos, sin, then the relayed hidden
+states; the next block takes the hidden states first), the receives get messages of another size and gloo
+aborts ("Received data size doesn't match expected size"; same-sized values would silently swap).
+`order_inputs_as_sent` permutes each stage's inputs into its neighbour's output order.
+
+Layout matters as well: gloo sends and receives only contiguous tensors, and torch builds receive buffers with
+the strides the export recorded. ConvNeXt's stage outputs are channels-last views (`permute` around its
+LayerNorm), so `make_boundaries_contiguous` makes every value that leaves a stage contiguous, in the graph
+and in the recorded shapes both sides read.
 """
 
 from __future__ import annotations
@@ -98,3 +111,71 @@ def relay_skipping_values(pipe) -> int:
     split_graph.lint()
     pipe.split_gm.recompile()
     return rerouted
+
+
+def _sent_position(value: fx.Node) -> int:
+    """The position in its producer's outputs of a stage input (a whole-output value counts as position 0)."""
+    if value.op == "call_function" and value.target is operator.getitem:
+        return value.args[1]
+    return 0
+
+
+def order_inputs_as_sent(pipe) -> int:
+    """Permute every stage's inputs (split-graph call arguments and the stage graph's placeholders together)
+    into the order the stage before it sends them. Returns how many stages were reordered.
+
+    Run after `relay_skipping_values`, when every stage but the first takes only its neighbour's outputs.
+    """
+    calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
+    reordered = 0
+    for call in calls[1:]:
+        order = sorted(range(len(call.args)), key=lambda i: _sent_position(call.args[i]))
+        if order == list(range(len(call.args))):
+            continue
+        module = pipe.split_gm.get_submodule(call.target)
+        placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+        first_body = placeholders[-1].next
+        for index in order:  # move each placeholder, in the new order, in front of the body
+            first_body.prepend(placeholders[index])
+        module.recompile()
+        call.args = tuple(call.args[i] for i in order)
+        reordered += 1
+    pipe.split_gm.graph.lint()
+    pipe.split_gm.recompile()
+    return reordered
+
+
+def _contiguous_val(node: fx.Node) -> None:
+    val = node.meta.get("val")
+    if val is not None and hasattr(val, "is_contiguous") and not val.is_contiguous():
+        node.meta["val"] = val.contiguous()
+
+
+def make_boundaries_contiguous(pipe) -> int:
+    """Make every tensor a stage returns contiguous (a `.contiguous()` before the output, a no-op for values
+    that already are) and record contiguous strides for the outputs and for the next stages' inputs. Returns
+    how many stage outputs were not contiguous."""
+    changed = 0
+    for call in [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]:
+        module = pipe.split_gm.get_submodule(call.target)
+        graph = module.graph
+        output = _output_node(graph)
+        outputs = output.args[0]
+        single = not isinstance(outputs, (tuple, list))
+        items = [outputs] if single else list(outputs)
+        fixed = []
+        for item in items:
+            val = item.meta.get("val") if isinstance(item, fx.Node) else None
+            if val is None or not hasattr(val, "is_contiguous") or val.is_contiguous():
+                fixed.append(item)
+                continue
+            with graph.inserting_before(output):
+                made = graph.call_method("contiguous", (item,))
+            made.meta = dict(item.meta, val=val.contiguous())
+            fixed.append(made)
+            changed += 1
+        output.args = (fixed[0] if single else type(outputs)(fixed),)
+        module.recompile()
+        for placeholder in (node for node in graph.nodes if node.op == "placeholder"):
+            _contiguous_val(placeholder)
+    return changed

@@ -85,3 +85,53 @@ def test_untraceable_model_names_the_line():
 def test_bad_model_reference(source, message):
     with pytest.raises(ModelSpecError, match=message):
         load_model_spec(source)
+
+
+class _ListIndexHeads(torch.nn.Module):
+    """Falcon's multi-query split: `fused[..., [-1], :]` indexes with a Python list, which makes a constant
+    index tensor on the model's device (meta while planning), not a fake one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = torch.nn.Linear(8, 12)
+
+    def forward(self, x):
+        fused = self.fused(x).view(x.shape[0], 3, 4)
+        return (fused[:, :-2, :] * fused[:, [-2], :] + fused[:, [-1], :]).sum(1)
+
+
+class _GroupedExperts(torch.nn.Module):
+    """Experts as one `grouped_mm`, transformers' default MoE kernel: its CPU kernel takes float32, its fake
+    kernel wants bfloat16."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(2, 8, 8))
+
+    def forward(self, x):
+        offs = torch.tensor([x.shape[0] // 2, x.shape[0]], dtype=torch.int32, device=x.device)
+        return torch.nn.functional.grouped_mm(x, self.weight, offs=offs)
+
+
+def _spec(model):
+    return ModelSpec(model=model, make_batch=lambda b, s: ((torch.randn(b, 8),), torch.randn(b, 4)),
+                     loss_fn=lambda out, target: (out[:, :4] - target).pow(2).mean(), global_batch_size=4)
+
+
+def test_constant_index_tensors_made_inside_forward_trace_on_meta():
+    with torch.device("meta"):
+        spec = _spec(_ListIndexHeads())
+    assert build_model_graph(spec).num_params == 8 * 12 + 12
+
+
+def test_a_fake_kernel_dtype_rule_names_the_op_and_the_moe_implementation_to_use():
+    from planner.capture import capture_training_step
+
+    with torch.device("meta"):
+        spec = _spec(_GroupedExperts())
+    with pytest.raises(CaptureError) as caught:
+        capture_training_step(spec, 4)
+    message = str(caught.value)
+    assert "grouped_mm" in message and "fake (meta) kernel refuses these dtypes" in message, message
+    assert 'config._experts_implementation = "batched_mm"' in message
+    assert "needs one: `torch.library.register_fake`" not in message

@@ -152,3 +152,16 @@ def test_ilp_with_buffers_and_gradients_matches_brute_force(seed):
     assert peak_bytes(options, ordered_slots, combo) <= budget
     assert sum(options[g][o].time_s for (g, _), o in zip(ordered_slots, combo, strict=True)) == pytest.approx(best)
     assert fractional_fit_time_s(hulls, budget) <= best * (1 + 1e-9)  # the screening stays a lower bound
+
+
+def test_the_solver_prints_nothing_on_stdout():
+    """HiGHS's library prints a banner on fd 1 when a process builds its first solver; `meshplan plan`'s
+    stdout must hold only meshplan's output, so a fresh process that solves an ILP prints nothing."""
+    import subprocess
+    import sys
+
+    code = ("from planner.ilp import Option, choose_option_counts\n"
+            "print(choose_option_counts({'b': {'r': Option(1.0, 1.0)}}, {'b': 2}, 10.0), end='')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "{'b': {'r': 2}}", done.stdout

@@ -30,6 +30,10 @@ class Model(nn.Module):
             self.table = nn.Embedding(8, 4, padding_idx=0)
         elif kind == "buffer":
             self.register_buffer("scale", torch.arange(4.0))
+        elif kind == "index_table":  # Swin's relative_position_index: an in-place add on an arange's storage
+            coords = torch.arange(4).view(2, 2).clone()
+            coords[:, 0] += 1
+            self.index = nn.Parameter(coords.float())
         elif kind == "tied":
             self.other = nn.Linear(4, 4)
             self.other.weight = self.lin.weight
@@ -43,6 +47,7 @@ def computed(): return spec("computed")
 def padding(): return spec("padding")
 def buffer(): return spec("buffer")
 def tied(): return spec("tied")
+def index_table(): return spec("index_table")
 '''
 
 
@@ -76,7 +81,8 @@ def test_blocks_are_independent_streams():
 
 
 @pytest.mark.parametrize("function, replayable", [("full", True), ("computed", False), ("padding", False),
-                                                  ("buffer", False), ("tied", False)])
+                                                  ("buffer", False), ("tied", False),
+                                                  ("index_table", False)])
 def test_only_replayable_inits_are_materialised_per_shard(tmp_path, function, replayable):
     path = tmp_path / "models.py"
     path.write_text(MODELS)

@@ -4,6 +4,7 @@ PlanErrors for pipeline plans the runtime cannot run."""
 from __future__ import annotations
 
 import copy
+import operator
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,53 @@ def test_values_skipping_stages_are_relayed_through_the_stages_between():
         out = pipe.get_stage_module(stage)(*values)
         values = out if isinstance(out, tuple) else (out,)
     torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
+
+
+def test_stage_inputs_are_received_in_the_order_the_stage_before_sends_them():
+    """The planner's own 2 x 2 x 1 plan for transformers' Llama puts the rotary embedding alone on stage 1; it
+    returns (cos, sin, relayed hidden states) and the export lists the next block's inputs as (hidden, cos, sin).
+    The schedule sends outputs in output order and receives in input order with one tag, so every stage's
+    inputs must follow its neighbour's outputs (else gloo aborts on the size mismatch); and the chained stages
+    still compute the model."""
+    planned = plan(f"{ROOT}/examples/hf_llama.py:build_hf_llama", "cpu", 4, mesh=(2, 2, 1))
+    assert [layer.path for layer in planned.layers if layer.stage == 1] == ["llama.model.rotary_emb"]
+    torch.manual_seed(0)
+    spec = load_model_spec(planned.model.source)
+    original = copy.deepcopy(spec.model)
+    (tokens,), _ = spec.make_batch(planned.micro_batch_size, 0)
+    pipe = trace_pipeline(planned, spec)
+    calls = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"]
+    for previous, call in zip(calls, calls[1:], strict=False):
+        sent = [user for user in previous.users if user.target is operator.getitem] or [previous]
+        assert list(call.args) == sorted(sent, key=lambda node: node.args[1] if node is not previous else 0), call
+    values = (tokens,)
+    for stage in range(planned.num_stages):
+        out = pipe.get_stage_module(stage)(*values)
+        values = out if isinstance(out, tuple) else (out,)
+    torch.testing.assert_close(values[0], original(tokens), rtol=0, atol=0)
+
+
+def test_values_between_stages_are_contiguous(start="convnext.convnext.encoder.stages.1"):
+    """ConvNeXt's blocks return channels-last views (a permute around their LayerNorm); gloo's isend refuses
+    non-contiguous tensors and torch builds receive buffers with the traced strides, so every value that
+    crosses a stage boundary is made contiguous on both sides, and the chained stages still compute the model."""
+    pipe_plan = pipeline_plan(f"{ROOT}/tests/zoo_models.py:build_convnext", 2, 1, 1, "1f1b", 2, (start,))
+    torch.manual_seed(0)
+    spec = load_model_spec(pipe_plan.model.source)
+    original = copy.deepcopy(spec.model)
+    (images,), _ = spec.make_batch(pipe_plan.micro_batch_size, 0)
+    pipe = trace_pipeline(pipe_plan, spec)
+    values = (images,)
+    for stage in range(pipe_plan.num_stages):
+        graph = pipe.get_stage_module(stage).graph
+        boundary = [node.meta["val"] for node in graph.nodes if node.op == "placeholder"] if stage else []
+        output = next(node for node in graph.nodes if node.op == "output").args[0]
+        boundary += [node.meta["val"] for node in (output if isinstance(output, (tuple, list)) else [output])]
+        assert all(val.is_contiguous() for val in boundary), (stage, [val.stride() for val in boundary])
+        out = pipe.get_stage_module(stage)(*values)
+        values = out if isinstance(out, tuple) else (out,)
+        assert all(value.is_contiguous() for value in values)
+    torch.testing.assert_close(values[0], original(images), rtol=0, atol=0)
 
 
 def test_model_inputs_past_the_first_stage_are_refused():

@@ -76,3 +76,72 @@ def test_every_searchable_configuration_is_runnable(traced, world_size, param_dt
     assert any(s[0] for s in shapes) and any(s[1] for s in shapes)
     assert any(s[3] for s in shapes) == (cluster.num_nodes > 1)
     assert any(s[4] for s in shapes) == (cluster.host_link is not None)
+
+
+PIPELINE_MODELS = ["qwen2"]
+"""Zoo decoders whose every pipeline cut is checked (rotary tables relayed, a rotary embedding alone on a stage);
+`mixtral` passes too but doubles the time (each cut is a torch.export)."""
+
+
+@pytest.mark.parametrize("name", PIPELINE_MODELS)
+def test_every_pipeline_cut_the_partitioner_may_choose_runs(name):
+    """Every place the partitioner may start a stage of a real model (`allowed_stage_starts`) gives stages the
+    runtime can run: the cut traces (torch.export splitting, relays, the neighbour check), every stage takes its
+    inputs in the order the stage before sends them, every value crossing a boundary is contiguous, and the
+    chained stages' forward and backward equal the model's (one process; the zoo's pp2 x dp2 plans run the
+    planner's own cuts on ranks, tests/test_zoo.py)."""
+    import operator
+
+    import torch
+    from zoo_plans import model_source
+
+    from planner.evaluate_config import allowed_stage_starts
+    from planner.plan import Plan
+    from runtime.pipeline import trace_pipeline
+
+    source = model_source(name)
+    meta = load_model_spec(source, device="meta")
+    graph = build_model_graph(meta)
+    base = plan_from_search(source, graph, load_cluster("cpu").for_world_size(1), 1, meta.global_batch_size,
+                            SearchResult(best=_single_rank_result(meta, graph), alternatives=[], configs_total=1,
+                                         configs_screened=1, configs_solved=1))
+    starts = [start for start in allowed_stage_starts(meta.model, graph.layers) if start > 0]
+    assert len(starts) == len(graph.layers) - 1  # untied: every layer after the first may start a stage
+    for start in starts:
+        cut = Plan.from_yaml(base.to_yaml())
+        cut.world_size, cut.mesh.pp = 2, 2
+        cut.pipeline.schedule, cut.pipeline.num_microbatches = "1f1b", 2
+        for index, layer in enumerate(cut.layers):
+            layer.stage = int(index >= start)
+        cut.validate(f"{name} cut before {cut.layers[start].path}")
+        check_runtime_supports(cut)
+        torch.manual_seed(0)
+        spec = load_model_spec(source)
+        (tokens,), targets = spec.make_batch(cut.micro_batch_size, 0)
+        expected = spec.loss_fn(spec.model(tokens), targets)
+        expected.backward()
+        reference = {n: p.grad.clone() for n, p in spec.model.named_parameters()}
+        spec.model.zero_grad()
+        pipe = trace_pipeline(cut, spec)
+        first, second = pipe.get_stage_module(0), pipe.get_stage_module(1)
+        call = [node for node in pipe.split_gm.graph.nodes if node.op == "call_module"][1]
+        assert [a.args[1] if a.target is operator.getitem else 0 for a in call.args] == list(range(len(call.args)))
+        sent = first(tokens)
+        sent = sent if isinstance(sent, tuple) else (sent,)
+        assert all(t.is_contiguous() for t in sent)
+        loss = spec.loss_fn(second(*sent), targets)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        loss.backward()
+        grads = {n: p.grad for m in (first, second) for n, p in m.named_parameters()}
+        assert set(grads) == set(reference)
+        for n, grad in grads.items():
+            torch.testing.assert_close(grad, reference[n], rtol=1e-5, atol=1e-7, msg=f"{name} cut {start}: {n}")
+
+
+def _single_rank_result(spec, graph):
+    """The exact solution of the one-rank configuration (a plan to edit cuts into)."""
+    cluster = load_cluster("cpu").for_world_size(1)
+    pricer = ConfigPricer(spec.model, graph, cluster)
+    config = next(c for c in enumerate_configs(1, cluster.devices_per_node, len(graph.layers),
+                                               spec.global_batch_size, "float32", host_offload=False))
+    return pricer.solve(pricer.screen(config))
