@@ -117,8 +117,7 @@ CONFIGS = {
         "pp2xdp2_ddp_bf16": (2, 2, 1, "1f1b", 2, TWO_STAGES, "float32"),
         "pp2xtp2_sp_vocab_interleaved": (2, 1, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64")},
     8: {"pp2xdp2xtp2_interleaved": (2, 2, 2, "interleaved_1f1b", 2, FOUR_STAGES, "float64"),
-        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64"),
-        "pp2xdp2xtp2_zero1": (2, 2, 2, "1f1b", 2, TWO_STAGES, "float64")},
+        "pp2xtp2x2_1f1b": (2, 1, 4, "1f1b", 2, TWO_STAGES, "float64")},
 }
 
 
@@ -184,7 +183,7 @@ def with_kind(kind: str):
 
 EDITS = {"pp2xdp2_zero2_memory": with_memory_techniques, "pp2xtp2x2_1f1b": with_tensor_2d,
          "pp2xdp2_ddp_1f1b": with_kind("ddp"), "pp2xdp2_zero1_interleaved": with_kind("zero1"),
-         "pp2xdp2xtp2_zero1": with_kind("zero1"), "pp2xdp2_ddp_bf16": with_bf16_autocast,
+         "pp2xdp2_ddp_bf16": with_bf16_autocast,
          "pp2xtp2_sp_vocab_interleaved": with_sequence_and_vocab_parallel}
 
 

@@ -38,6 +38,13 @@ Falcon's parallel block adds in place onto the row-parallel MLP output (`mlp_out
 view that DTensor's `to_local` returns, which autograd refuses to modify in place."""
 
 
+NOT_YET_RUN = frozenset({"qwen3", "falcon", "bloom", "gpt2", "opt", "bert", "roberta", "electra", "distilbert",
+                         "vit", "resnet"})
+"""Models whose zoo plans have not yet been run to completion (`MESHPLAN_ZOO=NAME pytest tests/test_zoo.py`):
+the README table says so instead of claiming parity. GPT-2, BERT, ViT and ResNet train in tests/test_hf_models.py
+in similar configurations on every run. Remove a name once its three plans have passed."""
+
+
 def model_source(name: str) -> str:
     return f"{SOURCE}:build_{name}"
 
